@@ -1,0 +1,1 @@
+"""Thin argument parsers; each calls one library function. No logic lives here."""

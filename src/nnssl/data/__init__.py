@@ -1,0 +1,1 @@
+"""Raw data: pretrain_data.json collections, image IO, dataset builders, phantoms."""
