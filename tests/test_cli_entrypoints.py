@@ -1,0 +1,35 @@
+"""Every console script declared in pyproject.toml imports and answers --help."""
+
+from __future__ import annotations
+
+import importlib
+import tomllib
+from pathlib import Path
+
+import pytest
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+SCRIPTS = tomllib.loads(PYPROJECT.read_text())["project"]["scripts"]
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_console_script_help(name, capsys):
+    module_name, func_name = SCRIPTS[name].split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    with pytest.raises(SystemExit) as e:
+        func(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert name in out and "usage" in out
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_console_script_rejects_unknown_flags(name, capsys):
+    module_name, func_name = SCRIPTS[name].split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    with pytest.raises(SystemExit) as e:
+        func(["--definitely-not-a-flag"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    # argparse reports either the unknown flag or the missing required arguments; never silence
+    assert f"{name}: error:" in err
