@@ -1,0 +1,128 @@
+"""The resolved training configuration: every hyperparameter a run actually uses.
+
+Written as JSON next to the results (`training_config.json`) and into every checkpoint, so
+a run can be understood and reproduced from its folder alone. Defaults follow the
+reference nnssl (1000 epochs x 250 iterations, 160³ patches, global batch 8 for `_BS8`) and
+the I-JEPA 3D starting points of the spec (peak lr 3e-4, cosine wd 0.04 -> 0.4, EMA
+0.996 -> 1.0, grad clip 1.0, predictor 384 x 6).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+METHODS: dict[str, str] = {
+    "IJEPATrainer": "I-JEPA: predict EMA-teacher features of masked 3D blocks from a context block",
+}
+
+# Backbone tag -> (description, Primus preset name, default patch size, default batch size)
+BACKBONES: dict[str, str] = {
+    "PrimusS": "Primus-S (3D ViT, width 396, depth 12)",
+    "PrimusB": "Primus-B (3D ViT, width 792, depth 12)",
+    "PrimusM": "Primus-M (3D ViT, width 864, depth 16) - the default",
+    "PrimusL": "Primus-L (3D ViT, width 1056, depth 24)",
+    "Tiny": "a tiny Primus for CPU smoke runs (trains in seconds)",
+}
+
+_PRESET = {"PrimusS": "S", "PrimusB": "B", "PrimusM": "M", "PrimusL": "L", "Tiny": "Tiny"}
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    trainer_name: str = "IJEPATrainer"
+    method: str = "IJEPATrainer"
+    backbone: str = "PrimusM"
+    primus_preset: str = "M"
+    patch_size: tuple[int, int, int] = (160, 160, 160)
+    token_patch_size: tuple[int, int, int] = (8, 8, 8)
+    batch_size: int = 8
+    num_epochs: int = 1000
+    iterations_per_epoch: int = 250
+    num_val_iterations: int = 10
+    # optimisation
+    peak_lr: float = 3e-4
+    start_lr: float = 1e-5
+    final_lr: float = 1e-6
+    warmup_fraction: float = 0.05
+    start_weight_decay: float = 0.04
+    final_weight_decay: float = 0.4
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    ema_start: float = 0.996
+    ema_end: float = 1.0
+    drop_path_rate: float = 0.0
+    # I-JEPA
+    predictor_width: int = 384
+    predictor_depth: int = 6
+    loss: str = "smooth_l1"
+    num_targets: int = 4
+    target_scale: tuple[float, float] = (0.15, 0.20)
+    target_aspect: tuple[float, float] = (0.75, 1.5)
+    context_scale: tuple[float, float] = (0.85, 1.0)
+    min_keep: int = 10
+    # bookkeeping
+    seed: int = 12345
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def for_backbone(cls, method: str, backbone: str) -> "TrainingConfig":
+        config = cls(method=method, trainer_name=method, backbone=backbone,
+                     primus_preset=_PRESET[backbone])
+        if backbone == "Tiny":
+            config = replace(config, patch_size=(32, 32, 32), batch_size=2, num_epochs=2,
+                             iterations_per_epoch=5, num_val_iterations=1, predictor_width=64,
+                             predictor_depth=2, min_keep=4)
+        return config
+
+    @property
+    def total_steps(self) -> int:
+        return self.num_epochs * self.iterations_per_epoch
+
+    @property
+    def warmup_steps(self) -> int:
+        return int(round(self.warmup_fraction * self.total_steps))
+
+    def problems(self) -> list[str]:
+        """Every inconsistency at once (empty when the configuration is usable)."""
+        out = []
+        if self.method not in METHODS:
+            out.append(f"method {self.method!r} is not one of {sorted(METHODS)}")
+        if self.backbone not in BACKBONES:
+            out.append(f"backbone {self.backbone!r} is not one of {sorted(BACKBONES)}")
+        for name in ("batch_size", "num_epochs", "iterations_per_epoch"):
+            if getattr(self, name) < 1:
+                out.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        for axis, (p, t) in enumerate(zip(self.patch_size, self.token_patch_size)):
+            if p < t or p % t:
+                out.append(f"patch size {self.patch_size} must be a multiple of the token size "
+                           f"{self.token_patch_size} on every axis (axis {axis}: {p})")
+        if not 0 <= self.warmup_fraction < 1:
+            out.append(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if not 0 < self.ema_start <= self.ema_end <= 1:
+            out.append(f"EMA momentum must satisfy 0 < start <= end <= 1, got "
+                       f"{self.ema_start} -> {self.ema_end}")
+        if self.loss not in ("smooth_l1", "l1", "l2"):
+            out.append(f"loss {self.loss!r} must be smooth_l1, l1 or l2")
+        if self.peak_lr <= 0:
+            out.append(f"peak_lr must be positive, got {self.peak_lr}")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types only (tuples become lists), with the derived step counts."""
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        d["total_steps"] = self.total_steps
+        d["warmup_steps"] = self.warmup_steps
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainingConfig":
+        names = {f.name for f in fields(cls)}
+        kwargs = {}
+        for k, v in data.items():
+            if k in names:
+                kwargs[k] = tuple(v) if isinstance(v, list) else v
+        return cls(**kwargs)
