@@ -39,6 +39,8 @@ class InvalidInput(NnsslError):
 
     def __init__(self, message: str, problems: list[str] | None = None) -> None:
         self.problems = list(problems or [])
+        # Callers that shorten `problems` for the message keep the complete list here.
+        self.all_problems: list = list(self.problems)
         if self.problems:
             message = message + "\n" + "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(message)
