@@ -99,7 +99,8 @@ def run_demo(config: DemoConfig) -> DemoResult:
         )
         collection_holder["c"] = collection
         s = collection.summary()
-        return f"{path} ({s})"
+        modalities = ", ".join(f"{k}: {v}" for k, v in s["modalities"].items())
+        return f"{path} ({s['subjects']} subjects, {s['images']} images; {modalities})"
 
     def verify() -> str:
         report = verify_collection(collection_holder["c"], num_processes=config.num_processes)
