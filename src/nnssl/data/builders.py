@@ -220,7 +220,7 @@ def collection_from_bids(root: Path, collection_index: int, collection_name: str
     scan = _Scan()
     collection = Collection(collection_index=collection_index, collection_name=collection_name, datasets={})
     if _has_subjects(root):
-        candidates = [(root.absolute().name, root)]
+        candidates = [(Path(os.path.abspath(root)).name, root)]
     else:
         candidates = []
         for child in _visible_dirs(root):
@@ -251,7 +251,7 @@ def collection_from_flat_folder(folder: Path, collection_index: int, collection_
     """
     folder = Path(folder)
     scan = _Scan()
-    key = folder.absolute().name
+    key = Path(os.path.abspath(folder)).name
     dataset = DatasetEntry(dataset_index=key, name=None, dataset_info=None, subjects={})
     origin: dict[str, str] = {}
     for path, masks in _scan_images(folder, scan):
@@ -331,5 +331,5 @@ def create_dataset(source: Path, dataset_id: int, name: str, layout: str = "auto
                            [str(p) for p in problems])
     collection.source = str(target)
     collection.save(target)
-    logger.info("wrote %s", target)
+    logger.debug("wrote %s", target)
     return target, collection

@@ -425,6 +425,6 @@ def write_phantom_collection(out_dir: Path, config: PhantomConfig, num_processes
                    "label_map": rel(c.label_map), "class_label": c.class_label, "modality": c.modality}
                   for c in cases],
     })
-    logger.info("wrote %d phantoms to %s", len(cases), out_dir)
+    logger.debug("wrote %d phantoms to %s", len(cases), out_dir)
     return PhantomManifest(out_dir=out_dir, config=config, cases=cases, cases_json=cases_json,
                            participants_tsv=participants, dataset_description=out_dir / "dataset_description.json")
