@@ -12,12 +12,15 @@ PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 SCRIPTS = tomllib.loads(PYPROJECT.read_text())["project"]["scripts"]
 
 
+def _entry_point(name: str):
+    module_name, func_name = SCRIPTS[name].split(":")
+    return getattr(importlib.import_module(module_name), func_name)
+
+
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
 def test_console_script_help(name, capsys):
-    module_name, func_name = SCRIPTS[name].split(":")
-    func = getattr(importlib.import_module(module_name), func_name)
     with pytest.raises(SystemExit) as e:
-        func(["--help"])
+        _entry_point(name)(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert name in out and "usage" in out
@@ -25,10 +28,8 @@ def test_console_script_help(name, capsys):
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
 def test_console_script_rejects_unknown_flags(name, capsys):
-    module_name, func_name = SCRIPTS[name].split(":")
-    func = getattr(importlib.import_module(module_name), func_name)
     with pytest.raises(SystemExit) as e:
-        func(["--definitely-not-a-flag"])
+        _entry_point(name)(["--definitely-not-a-flag"])
     assert e.value.code == 2
     err = capsys.readouterr().err
     # argparse reports either the unknown flag or the missing required arguments; never silence
