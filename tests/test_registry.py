@@ -55,3 +55,13 @@ def test_every_listed_name_resolves_and_round_trips(name):
     d = json.loads(json.dumps(c.to_dict()))
     assert TrainingConfig.from_dict(d) == c
     assert d["total_steps"] == c.num_epochs * c.iterations_per_epoch
+
+
+def test_config_drives_the_schedules():
+    from nnssl.methods.schedules import lr_at, momentum_at, wd_at
+
+    c = resolve_trainer("IJEPATrainer_Tiny_P32_BS2_4ep_25it").config
+    sc = c.schedule_config()
+    assert sc.total_steps == 100 and sc.warmup_steps == c.warmup_steps == 5
+    assert lr_at(sc.warmup_steps - 1, sc) == c.peak_lr
+    assert wd_at(0, sc) == c.start_weight_decay and momentum_at(0, sc) == c.ema_start

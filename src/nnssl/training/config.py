@@ -10,7 +10,10 @@ the I-JEPA 3D starting points of the spec (peak lr 3e-4, cosine wd 0.04 -> 0.4, 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from nnssl.methods.schedules import ScheduleConfig
 
 METHODS: dict[str, str] = {
     "IJEPATrainer": "I-JEPA: predict EMA-teacher features of masked 3D blocks from a context block",
@@ -82,6 +85,15 @@ class TrainingConfig:
     @property
     def warmup_steps(self) -> int:
         return int(round(self.warmup_fraction * self.total_steps))
+
+    def schedule_config(self) -> "ScheduleConfig":
+        """The lr / wd / EMA schedules this configuration trains with."""
+        from nnssl.methods.schedules import ScheduleConfig
+
+        return ScheduleConfig(total_steps=self.total_steps, warmup_steps=self.warmup_steps,
+                              start_lr=self.start_lr, peak_lr=self.peak_lr, final_lr=self.final_lr,
+                              start_wd=self.start_weight_decay, final_wd=self.final_weight_decay,
+                              ema_start=self.ema_start, ema_end=self.ema_end)
 
     def problems(self) -> list[str]:
         """Every inconsistency at once (empty when the configuration is usable)."""
