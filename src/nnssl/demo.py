@@ -72,7 +72,7 @@ def _timed(result: DemoResult, name: str, fn: Callable[[], str]) -> None:
 
 
 def run_demo(config: DemoConfig) -> DemoResult:
-    """Generate phantoms, build and verify the dataset, plan and preprocess it."""
+    """Generate phantoms, build and verify the dataset, fingerprint, plan and preprocess it."""
     from nnssl.data.builders import create_dataset
     from nnssl.data.integrity import verify_collection
     from nnssl.data.phantoms import PhantomConfig, write_phantom_collection
@@ -112,18 +112,16 @@ def run_demo(config: DemoConfig) -> DemoResult:
     _timed(result, "create dataset", build)
     _timed(result, "verify dataset integrity", verify)
 
-    try:
-        from nnssl.preprocessing.runner import plan_and_preprocess  # noqa: F401
-    except ImportError:
-        return result
-
     def preprocess() -> str:
         from nnssl.preprocessing.runner import plan_and_preprocess
 
-        outcome = plan_and_preprocess(
-            [dataset], configurations=("onemmiso",), num_processes=config.num_processes,
-        )
-        return str(outcome)
+        outcomes = plan_and_preprocess([dataset], configurations=("onemmiso",),
+                                       num_processes=config.num_processes,
+                                       num_processes_fingerprint=config.num_processes)
+        failed = [f for o in outcomes for f in o.failures]
+        if failed:
+            raise RuntimeError(f"demo preprocessing failed for {len(failed)} cases: {failed[:3]}")
+        return "; ".join(str(o) for o in outcomes) + f" -> {roots[paths.PREPROCESSED] / dataset}"
 
     _timed(result, "plan and preprocess", preprocess)
     return result

@@ -1,0 +1,124 @@
+"""nnssl_plan_and_preprocess end to end: files, masks, failures, resume, sharding (tiny phantoms)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnssl.cli.preprocess import plan_and_preprocess_main, preprocess_main
+from nnssl.data.builders import create_dataset
+from nnssl.data.collection import Collection
+from nnssl.data.imageio import write_image
+from nnssl.data.phantoms import PhantomConfig, write_phantom_collection
+from nnssl.dataloading import load_cases
+from nnssl.preprocessing import storage
+
+NAME = "Dataset040_Pre"
+
+
+@pytest.fixture
+def dataset(nnssl_roots):
+    bids = nnssl_roots.raw / NAME / "bids"
+    write_phantom_collection(bids, PhantomConfig(num_volumes=6, shape=(24, 24, 24)))
+    path, collection = create_dataset(bids, 40, "Pre")
+    return nnssl_roots, path, collection
+
+
+def _pre(roots):
+    return roots.preprocessed / NAME
+
+
+def test_cli_end_to_end_writes_every_file(dataset, capsys):
+    roots, _, collection = dataset
+    assert plan_and_preprocess_main(["-d", "40", "-np", "2", "-npfp", "2"]) == 0
+    pre = _pre(roots)
+    for name in ("dataset_fingerprint.json", "nnsslPlans.json", "preprocessing_report__onemmiso.json",
+                 "pretrain_data__onemmiso.json"):
+        assert (pre / name).is_file(), name
+    cases = load_cases(pre / "pretrain_data__onemmiso.json")
+    assert len(cases) == 6 and all(c.anatomy_mask is not None for c in cases)
+    props = json.loads(cases[0].image.with_suffix(".json").read_text())
+    for key in ("original_spacing", "target_spacing", "shape_before_cropping", "bbox_used_for_cropping",
+                "shape_after_cropping", "shape_after_resampling", "normalization", "plan_hash"):
+        assert key in props
+    arr = storage.open_array(cases[0].image)
+    assert arr.dtype == np.float32 and list(arr.shape[1:]) == props["shape_after_resampling"]
+    assert storage.open_array(cases[0].anatomy_mask).dtype == np.uint8
+    assert "6 preprocessed" in capsys.readouterr().out
+
+
+def test_masks_are_never_swapped(dataset):
+    roots, path, collection = dataset
+    img = next(collection.iter_images())
+    image, _ = sitk.GetArrayFromImage(sitk.ReadImage(str(img.image_path()))), None
+    geometry = sitk.ReadImage(str(img.image_path()))
+    anon = img.image_path().with_name(img.image_path().name.replace(".nii.gz", "_anonmask.nii.gz"))
+    only_corner = np.zeros(image.shape, np.uint8)
+    only_corner[:2, :2, :2] = 1
+    m = sitk.GetImageFromArray(only_corner)
+    m.CopyInformation(geometry)
+    sitk.WriteImage(m, str(anon))
+    img.entry.associated_masks.anonymization_mask = str(anon)
+    collection.save(path)
+    assert plan_and_preprocess_main(["-d", "40", "-np", "1", "-npfp", "1"]) == 0
+    case = [c for c in load_cases(_pre(roots) / "pretrain_data__onemmiso.json") if c.image_id == img.image_id][0]
+    anat = storage.open_array(case.anatomy_mask)[:]
+    anon_arr = storage.open_array(case.anonymization_mask)[:]
+    assert anat.sum() > 10 * max(anon_arr.sum(), 1)  # anatomy = the body, anonymization = a corner
+
+
+def test_bad_cases_are_reported_and_the_rest_is_done(dataset, monkeypatch, capsys):
+    roots, path, collection = dataset
+    images = list(collection.iter_images())
+    nan = np.ones((8, 8, 8), np.float32)
+    nan[2, 2, 2] = np.nan
+    write_image(images[0].image_path(), nan, (1, 1, 1))                                   # NaN voxels
+    images[1].image_path().write_bytes(images[1].image_path().read_bytes()[:200])           # truncated
+    images[2].entry.image_path = "$UNSET_PP/x.nii.gz"                                     # unset $VAR
+    monkeypatch.delenv("UNSET_PP", raising=False)
+    collection.save(path)
+    assert plan_and_preprocess_main(["-d", "40", "-np", "2", "-npfp", "1"]) == 1
+    report = json.loads((_pre(roots) / "preprocessing_report__onemmiso.json").read_text())
+    reasons = {f["image_id"]: f["reason"] for f in report["failures"]}
+    assert report["done"] == 3 and report["failed"] == 3
+    assert "NaN" in reasons[images[0].image_id]
+    assert images[1].image_id in reasons and "UNSET_PP" in reasons[images[2].image_id]
+    assert len(load_cases(_pre(roots) / "pretrain_data__onemmiso.json")) == 3
+    assert "FAILED" in capsys.readouterr().out
+
+
+def test_resume_after_a_kill_redoes_only_incomplete_cases(dataset, capsys):
+    roots, _, _ = dataset
+    assert plan_and_preprocess_main(["-d", "40", "-np", "1", "-npfp", "1"]) == 0
+    cases = load_cases(_pre(roots) / "pretrain_data__onemmiso.json")
+    cases[0].image.with_suffix(".json").unlink()   # killed before the properties were written
+    cases[1].image.write_bytes(b"half-written")    # killed mid-array (properties say otherwise)
+    capsys.readouterr()
+    assert preprocess_main(["-d", "40", "-np", "1"]) == 0
+    assert "2 preprocessed, 4 already complete" in capsys.readouterr().out
+    assert all(storage.open_array(c.image).shape for c in cases)
+
+
+def test_shards_cover_every_case_without_overlap(dataset, capsys):
+    roots, _, _ = dataset
+    assert plan_and_preprocess_main(["-d", "40", "--no_pp", "-npfp", "1"]) == 0
+    assert not (_pre(roots) / "pretrain_data__onemmiso.json").exists()
+    assert preprocess_main(["-d", "40", "-np", "1", "-part", "0", "-total_parts", "2"]) == 0
+    first = len(load_cases(_pre(roots) / "pretrain_data__onemmiso.json"))
+    assert preprocess_main(["-d", "40", "-np", "1", "-part", "1", "-total_parts", "2"]) == 0
+    assert first == 3 and len(load_cases(_pre(roots) / "pretrain_data__onemmiso.json")) == 6
+    reports = sorted(p.name for p in _pre(roots).glob("preprocessing_report_part*"))
+    assert reports == ["preprocessing_report_part0of2__onemmiso.json", "preprocessing_report_part1of2__onemmiso.json"]
+    assert preprocess_main(["-d", "40", "-part", "2", "-total_parts", "2"]) == 2
+
+
+def test_clean_starts_over(dataset):
+    roots, _, _ = dataset
+    assert plan_and_preprocess_main(["-d", "40", "-np", "1", "-npfp", "1"]) == 0
+    marker = _pre(roots) / "stale.txt"
+    marker.write_text("x")
+    assert plan_and_preprocess_main(["-d", "40", "-np", "1", "-npfp", "1", "--clean"]) == 0
+    assert not marker.exists()
