@@ -20,9 +20,10 @@ NAME = "Dataset040_Pre"
 
 
 @pytest.fixture
-def dataset(nnssl_roots):
+def dataset(nnssl_roots, request):
+    n = getattr(request, "param", 6)
     bids = nnssl_roots.raw / NAME / "bids"
-    write_phantom_collection(bids, PhantomConfig(num_volumes=6, shape=(24, 24, 24)))
+    write_phantom_collection(bids, PhantomConfig(num_volumes=n, shape=(24, 24, 24)))
     path, collection = create_dataset(bids, 40, "Pre")
     return nnssl_roots, path, collection
 
@@ -70,23 +71,34 @@ def test_masks_are_never_swapped(dataset):
     assert anat.sum() > 10 * max(anon_arr.sum(), 1)  # anatomy = the body, anonymization = a corner
 
 
+@pytest.mark.parametrize("dataset", [9], indirect=True)
 def test_bad_cases_are_reported_and_the_rest_is_done(dataset, monkeypatch, capsys):
     roots, path, collection = dataset
     images = list(collection.iter_images())
     nan = np.ones((8, 8, 8), np.float32)
     nan[2, 2, 2] = np.nan
     write_image(images[0].image_path(), nan, (1, 1, 1))                                   # NaN voxels
-    images[1].image_path().write_bytes(images[1].image_path().read_bytes()[:200])           # truncated
+    images[1].image_path().write_bytes(images[1].image_path().read_bytes()[:200])           # corrupt/truncated
     images[2].entry.image_path = "$UNSET_PP/x.nii.gz"                                     # unset $VAR
     monkeypatch.delenv("UNSET_PP", raising=False)
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((6, 7), np.float32)), str(images[3].image_path()))  # 2D
+    four_d = sitk.JoinSeries([sitk.GetImageFromArray(np.ones((5, 6, 7), np.float32))] * 2)
+    sitk.WriteImage(four_d, str(images[4].image_path()))                                  # 4D
+    images[5].image_path().unlink()                                                       # missing file
+    write_image(images[6].anatomy_mask_path(), np.ones((3, 3, 3), np.uint8), (1, 1, 1))  # mask shape mismatch
     collection.save(path)
     assert plan_and_preprocess_main(["-d", "40", "-np", "2", "-npfp", "1"]) == 1
     report = json.loads((_pre(roots) / "preprocessing_report__onemmiso.json").read_text())
     reasons = {f["image_id"]: f["reason"] for f in report["failures"]}
-    assert report["done"] == 3 and report["failed"] == 3
+    assert report["done"] == 2 and report["failed"] == 7, reasons
     assert "NaN" in reasons[images[0].image_id]
-    assert images[1].image_id in reasons and "UNSET_PP" in reasons[images[2].image_id]
-    assert len(load_cases(_pre(roots) / "pretrain_data__onemmiso.json")) == 3
+    assert "corrupt" in reasons[images[1].image_id] or "cannot be read" in reasons[images[1].image_id]
+    assert "UNSET_PP" in reasons[images[2].image_id]
+    assert "2D image" in reasons[images[3].image_id]
+    assert "4D image with 2 volumes" in reasons[images[4].image_id]
+    assert "file not found" in reasons[images[5].image_id]
+    assert "does not match its image" in reasons[images[6].image_id]
+    assert len(load_cases(_pre(roots) / "pretrain_data__onemmiso.json")) == 2
     assert "FAILED" in capsys.readouterr().out
 
 
