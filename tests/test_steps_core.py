@@ -41,24 +41,32 @@ def test_zscore_and_ct_normalisation():
     assert np.allclose(ct, [(-1000 - 40) / 100, 0.0, (500 - 40) / 100])
 
 
-def test_new_shape_and_linear_data_reproduced():
+@pytest.mark.parametrize("method", steps.RESAMPLING_METHODS)
+def test_new_shape_and_linear_data_reproduced(method):
     assert steps.new_shape_for_spacing((40, 30, 20), (1.0, 1.0, 3.0), (1.0, 1.0, 1.0)) == (40, 30, 60)
     ramp = (np.arange(40, dtype=np.float32)[:, None, None] * np.ones((40, 6, 5), np.float32))[None]
-    out = steps.resample_image(ramp, (1.0, 1.0, 1.0), (0.5, 1.0, 1.0))
-    assert out.shape == (1, 80, 6, 5)
+    out = steps.resample_image(ramp, (1.0, 1.0, 1.0), (0.5, 1.0, 1.0), method=method)
+    assert out.shape == (1, 80, 6, 5) and out.dtype == np.float32
     # voxel centres stay aligned: new voxel i sits at old coordinate i/2 - 1/4
     interior = np.arange(8, 72)
     assert np.allclose(out[0, interior, 3, 2], interior / 2 - 0.25, atol=1e-3)
 
 
+def test_default_linear_resampling_never_overshoots():
+    data = np.zeros((1, 12, 12, 4), np.float32)
+    data[0, :, :, 1] = 1.0
+    out = steps.resample_image(data, (1.0, 1.0, 4.0), (1.0, 1.0, 1.0))
+    assert out.min() >= 0.0 and out.max() <= 1.0 + 1e-6  # cubic would ring across thick slices
+
+
 def test_anisotropic_axis_uses_nearest_between_slices():
     data = np.zeros((1, 12, 12, 4), np.float32)
     data[0, :, :, 1] = 1.0  # one thick slice
-    out = steps.resample_image(data, (1.0, 1.0, 4.0), (1.0, 1.0, 1.0))
+    out = steps.resample_image(data, (1.0, 1.0, 4.0), (1.0, 1.0, 1.0), method="scipy_nnunet")
     assert out.shape == (1, 12, 12, 16)
     # nearest along the thick axis: only the two values, no cubic ringing between slices
     assert set(np.unique(np.round(out, 5))) <= {0.0, 1.0}
-    iso = steps.resample_image(data, (2.0, 2.0, 4.0), (1.0, 1.0, 2.0))  # ratio 2: cubic everywhere
+    iso = steps.resample_image(data, (2.0, 2.0, 4.0), (1.0, 1.0, 2.0), method="scipy_nnunet")  # ratio 2: cubic
     assert len(np.unique(np.round(iso, 5))) > 2
 
 

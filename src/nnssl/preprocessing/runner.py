@@ -97,7 +97,7 @@ def _process_case_inner(job: dict[str, Any]) -> dict[str, Any]:
         data, norm_info = steps.zscore_normalize(data)
     target = job["spacing"] or list(spacing)
     new_shape = steps.new_shape_for_spacing(data.shape[1:], spacing, target)
-    data = steps.resample_image(data, spacing, target, new_shape=new_shape)
+    data = steps.resample_image(data, spacing, target, new_shape=new_shape, method=job["resampling_method"])
     masks = {k: steps.resample_mask(m, spacing, target, new_shape=new_shape) for k, m in masks.items()}
     arrays = {"image": {"shape": list(data.shape)}}
     patch = tuple(job["patch_size"])
@@ -137,6 +137,7 @@ def _jobs(collection: Collection, plans: Plans, configuration: str, output_root:
             "stem": str(case_stem(output_root, collection, img)), "plan_hash": plan_hash,
             "transpose_forward": plans.transpose_forward, "spacing": config.spacing,
             "patch_size": config.patch_size,
+            "resampling_method": config.resampling_fn_data_kwargs.get("method", "scipy_nnunet"),
             "normalization": plans.normalization_per_modality.get(modality, {"scheme": "ZScoreNormalization"}),
         })
     return jobs
