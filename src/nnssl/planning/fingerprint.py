@@ -81,11 +81,14 @@ def _sample_job(args: tuple[str, str, int, int]) -> tuple[str, np.ndarray | None
         return image_id, None, f"{path}: unexpected error: {type(e).__name__}: {e}"
 
 
-def _map(fn, jobs: list, num_processes: int) -> list:
+def _map(fn, jobs: list, num_processes: int, desc: str) -> list:
+    from tqdm import tqdm
+
     if num_processes > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=num_processes) as pool:
-            return list(pool.map(fn, jobs, chunksize=max(1, len(jobs) // (8 * num_processes))))
-    return [fn(j) for j in jobs]
+            results = pool.map(fn, jobs, chunksize=max(1, len(jobs) // (8 * num_processes)))
+            return list(tqdm(results, total=len(jobs), desc=desc, unit="img", leave=False))
+    return [fn(j) for j in tqdm(jobs, desc=desc, unit="img", leave=False)]
 
 
 def extract_fingerprint(collection: Collection, config: FingerprintConfig = FingerprintConfig()) -> Fingerprint:
@@ -97,7 +100,7 @@ def extract_fingerprint(collection: Collection, config: FingerprintConfig = Fing
         except NnsslError as e:  # unset $VAR: this image fails, the others go on
             fp.failures.append({"image_id": img.image_id, "path": img.entry.image_path, "reason": str(e)})
     path_of = {image_id: path for image_id, path, _ in jobs}
-    for image_id, geometry, error in _map(_header_job, jobs, config.num_processes):
+    for image_id, geometry, error in _map(_header_job, jobs, config.num_processes, "fingerprint: headers"):
         if error:
             fp.failures.append({"image_id": image_id, "path": path_of[image_id], "reason": error})
         else:
@@ -113,7 +116,7 @@ def extract_fingerprint(collection: Collection, config: FingerprintConfig = Fing
         sample_jobs += [(ids[i], fp.images[ids[i]]["path"], config.voxels_per_image,
                          config.seed + int(i)) for i in sorted(chosen)]
     samples: dict[str, list[np.ndarray]] = {}
-    for image_id, values, error in _map(_sample_job, sample_jobs, config.num_processes):
+    for image_id, values, error in _map(_sample_job, sample_jobs, config.num_processes, "fingerprint: intensities"):
         if error:
             fp.failures.append({"image_id": image_id, "path": fp.images[image_id]["path"], "reason": error})
             fp.images.pop(image_id)
