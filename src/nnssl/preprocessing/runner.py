@@ -63,6 +63,24 @@ def case_stem(output_root: Path, collection: Collection, img: FlatImage) -> Path
             / image_stem(img.entry.name))
 
 
+def _init_worker() -> None:
+    """Workers decompress and resample single-threaded: parallelism comes from the processes."""
+    import torch
+
+    blosc2.set_nthreads(1)
+    torch.set_num_threads(1)
+
+
+def worker_pool(num_processes: int) -> ProcessPoolExecutor:
+    """A pool whose workers start from a clean process ("forkserver"), never from a fork of the
+    caller: a parent that already used torch (OpenMP) or blosc2 threads would hang forked
+    children on their first parallel region."""
+    import multiprocessing
+
+    return ProcessPoolExecutor(max_workers=num_processes, mp_context=multiprocessing.get_context("forkserver"),
+                               initializer=_init_worker)
+
+
 def _process_case(job: dict[str, Any]) -> dict[str, Any]:
     """Runs in a worker: preprocess one case; never raises (failures are returned)."""
     try:
@@ -179,7 +197,6 @@ def preprocess(dataset: str | int, configurations: tuple[str, ...] = ("onemmiso"
     pre = paths.nnssl_preprocessed() / name
     plans = Plans.load(pre / "nnsslPlans.json")
     collection = Collection.load(paths.nnssl_raw() / name / "pretrain_data.json")
-    blosc2.set_nthreads(1)  # before forking workers: blosc2 threads deadlock forked children
     outcomes = []
     for configuration in configurations:
         start = time.perf_counter()
@@ -188,7 +205,7 @@ def preprocess(dataset: str | int, configurations: tuple[str, ...] = ("onemmiso"
         jobs = _jobs(collection, plans, configuration, output_root, failures)[part::total_parts]
         outcome = PreprocessOutcome(configuration, total=len(jobs) + len(failures))
         if num_processes > 1 and len(jobs) > 1:
-            with ProcessPoolExecutor(max_workers=num_processes) as pool:
+            with worker_pool(num_processes) as pool:
                 results = pool.map(_process_case, jobs, chunksize=1)
                 _collect(results, outcome, failures, len(jobs))
         else:
