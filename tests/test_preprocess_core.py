@@ -10,7 +10,6 @@ import SimpleITK as sitk
 
 from nnssl.cli.preprocess import plan_and_preprocess_main, preprocess_main
 from nnssl.data.builders import create_dataset
-from nnssl.data.collection import Collection
 from nnssl.data.imageio import write_image
 from nnssl.data.phantoms import PhantomConfig, write_phantom_collection
 from nnssl.dataloading import load_cases

@@ -1,9 +1,16 @@
-"""I-JEPA for 3D volumes: context encoder, EMA target encoder, predictor, loss.
+"""I-JEPA for 3D volumes: context encoder (student), EMA target encoder (teacher), predictor, loss.
 
-One forward computes the teacher once on all tokens (no grad, eval mode), normalises it with a
-layer norm without affine parameters (LN₀), gathers every target block from it, runs the
-student only on context tokens and predicts all blocks in one batched predictor call. bf16
-autocast is the caller's choice (the trainer enables it on CUDA); nothing here is CUDA-only.
+One forward (IJEPA_SPEC §1.4, §2.3-2.6):
+1. the teacher runs once on all N tokens of the unmasked volume, under `no_grad` and always in
+   eval mode (drop-path off, spec §2.4); its output is normalised by a layer norm without affine
+   parameters (LN₀) in fp32, and every target block is gathered from it;
+2. the student runs on the context tokens only (positions and RoPE gathered with them);
+3. the predictor predicts all M blocks in one batched call (row m·B + b);
+4. loss = mean smooth-L1 (β = 1) between predictions and targets (L1 / L2 as options).
+After the optimizer step the caller updates the teacher: θ_T ← m·θ_T + (1 − m)·θ_S.
+
+bf16 autocast is the caller's choice (the trainer enables it on CUDA); LN₀ and the loss run in
+fp32 whatever the autocast state, and nothing here is CUDA-only.
 
 Python API without the CLI::
 
@@ -24,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnssl.errors import InvalidInput, NnsslError
 from nnssl.methods.masks import MaskBatch
 from nnssl.models.predictor import JEPAPredictor
 from nnssl.models.primus import PrimusTokenEncoder
@@ -31,101 +39,162 @@ from nnssl.models.primus import PrimusTokenEncoder
 LOSSES = ("smooth_l1", "l1", "l2")
 
 
+class InvalidIJEPAConfig(NnsslError, ValueError):
+    """An IJEPAConfig that cannot work; `problems` lists every issue."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("invalid I-JEPA settings: " + "; ".join(self.problems))
+
+
 @dataclass(frozen=True)
 class IJEPAConfig:
+    """Method settings (defaults: spec §2.5-2.6). `predictor_heads=None` takes the encoder's head
+    count when it divides the width (I-JEPA), else the largest divisor of the width below it."""
+
     predictor_width: int = 384
     predictor_depth: int = 6
     predictor_heads: int | None = None
+    predictor_mlp_ratio: float = 4.0
     loss: str = "smooth_l1"
 
     def __post_init__(self) -> None:
         problems = []
         if self.loss not in LOSSES:
-            problems.append(f"loss {self.loss!r} must be one of {LOSSES}")
-        if self.predictor_width < 1 or self.predictor_depth < 0:
-            problems.append("predictor width must be >= 1 and depth >= 0")
+            problems.append(f"loss={self.loss!r} must be one of {LOSSES}")
+        if int(self.predictor_width) != self.predictor_width or self.predictor_width < 1:
+            problems.append(f"predictor_width={self.predictor_width!r} must be an integer >= 1")
+        if int(self.predictor_depth) != self.predictor_depth or self.predictor_depth < 0:
+            problems.append(f"predictor_depth={self.predictor_depth!r} must be an integer >= 0")
+        heads = self.predictor_heads
+        if heads is not None:
+            if int(heads) != heads or heads < 1:
+                problems.append(f"predictor_heads={heads!r} must be None or an integer >= 1")
+            elif self.predictor_width >= 1 and self.predictor_width % heads:
+                problems.append(f"predictor_heads={heads} must divide predictor_width={self.predictor_width}")
+        if not self.predictor_mlp_ratio > 0:
+            problems.append(f"predictor_mlp_ratio={self.predictor_mlp_ratio!r} must be > 0")
         if problems:
-            raise ValueError("invalid IJEPAConfig: " + "; ".join(problems))
+            raise InvalidIJEPAConfig(problems)
+
+    def resolved_predictor_heads(self, encoder_heads: int) -> int:
+        if self.predictor_heads is not None:
+            return int(self.predictor_heads)
+        width = int(self.predictor_width)
+        if width % encoder_heads == 0:
+            return int(encoder_heads)
+        return next(h for h in range(min(encoder_heads, width), 0, -1) if width % h == 0)
 
 
 @dataclass
 class IJEPAOutput:
-    loss: torch.Tensor
-    predictions: torch.Tensor     # [M*B, Kt, E]
-    targets: torch.Tensor         # [M*B, Kt, E]
-    teacher_tokens: torch.Tensor  # [B, N, E], LN₀-normalised, detached
+    loss: torch.Tensor            # scalar, fp32
+    predictions: torch.Tensor     # [M*B, Kt, E], row m*B + b
+    targets: torch.Tensor         # [M*B, Kt, E], fp32, no grad
+    teacher_tokens: torch.Tensor  # [B, N, E], LN₀-normalised fp32, detached (for the monitors)
 
 
 def ijepa_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "smooth_l1") -> torch.Tensor:
+    """Mean over all elements, in fp32: smooth-L1 with β = 1 (released I-JEPA code), L1 (V-JEPA,
+    `loss_exp=1`) or L2 (the I-JEPA paper's text)."""
+    if pred.shape != target.shape:
+        raise InvalidInput(f"predictions {list(pred.shape)} and targets {list(target.shape)} differ in shape")
+    pred, target = pred.float(), target.float()
     if kind == "smooth_l1":
         return F.smooth_l1_loss(pred, target, beta=1.0)
     if kind == "l1":
         return F.l1_loss(pred, target)
     if kind == "l2":
         return F.mse_loss(pred, target)
-    raise ValueError(f"unknown loss {kind!r}; choose one of {LOSSES}")
+    raise InvalidIJEPAConfig([f"loss={kind!r} must be one of {LOSSES}"])
 
 
-def _predictor_heads(width: int, encoder_heads: int, requested: int | None) -> int:
-    if requested is not None:
-        return requested
-    if width % encoder_heads == 0:
-        return encoder_heads
-    return next(h for h in range(min(encoder_heads, width), 0, -1) if width % h == 0)
+def _exempt_from_weight_decay(name: str, p: nn.Parameter) -> bool:
+    # biases, norm scales, LayerScale gammas and q/v biases are 1-D; position embeddings, the
+    # mask token and register tokens are not, but decaying them pulls positions/queries to 0
+    # (Eva's no_weight_decay lists pos_embed; spec §2.5)
+    leaf = name.rsplit(".", 1)[-1]
+    return p.ndim <= 1 or leaf in ("pos_embed", "mask_token", "register_tokens")
 
 
 class IJEPA(nn.Module):
+    """Student (the given encoder), teacher (a deep copy, frozen, always in eval mode) and
+    predictor. `state_dict()` holds all three, so a checkpoint resumes exactly."""
+
     def __init__(self, encoder: PrimusTokenEncoder, config: IJEPAConfig = IJEPAConfig()) -> None:
         super().__init__()
         self.config = config
         self.student = encoder
         self.teacher = copy.deepcopy(encoder)
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
+        self.teacher.requires_grad_(False)
         self.teacher.eval()
-        self.predictor = JEPAPredictor(
-            encoder.grid, encoder.embed_dim, config.predictor_width, config.predictor_depth,
-            _predictor_heads(config.predictor_width, encoder.num_heads, config.predictor_heads))
+        self.predictor = JEPAPredictor(encoder.grid, encoder.embed_dim, config.predictor_width,
+                                       config.predictor_depth, config.resolved_predictor_heads(encoder.num_heads),
+                                       config.predictor_mlp_ratio)
 
     def train(self, mode: bool = True) -> "IJEPA":
         super().train(mode)
-        self.teacher.eval()  # targets never see drop-path/dropout noise
+        self.teacher.eval()  # targets never see drop-path / dropout noise
         return self
 
     @torch.no_grad()
     def teacher_tokens(self, volumes: torch.Tensor) -> torch.Tensor:
-        h = self.teacher(volumes)
-        return F.layer_norm(h.float(), (h.shape[-1],)).to(h.dtype)
+        """LN₀(teacher(volumes)): [B, N, E] fp32, no affine, over the feature axis."""
+        h = self.teacher(volumes).float()
+        with torch.autocast(h.device.type, enabled=False):
+            return F.layer_norm(h, (h.shape[-1],))
 
     def forward(self, volumes: torch.Tensor, masks: MaskBatch) -> IJEPAOutput:
         m, b, kt = masks.targets.shape
-        h = self.teacher_tokens(volumes)                                   # [B, N, E]
+        if masks.context.shape[0] != volumes.shape[0] or b != volumes.shape[0]:
+            raise InvalidInput(f"masks are for batch size {masks.context.shape[0]} / {b}, the volumes batch is "
+                               f"{volumes.shape[0]}; sample masks with the batch size of the volumes")
+        h = self.teacher_tokens(volumes)                                           # [B, N, E]
         e = h.shape[-1]
-        flat_idx = masks.targets.reshape(m * b, kt)
-        targets = torch.gather(h.repeat(m, 1, 1), 1, flat_idx.unsqueeze(-1).expand(-1, -1, e))
-        z = self.student(volumes, masks.context)                           # [B, Kc, E]
-        pred = self.predictor(z, masks.context, masks.targets)             # [M*B, Kt, E]
-        loss = ijepa_loss(pred.float(), targets.float(), self.config.loss)
-        return IJEPAOutput(loss, pred, targets, h.detach())
+        # gather every block from one teacher pass, without materialising M copies of h
+        index = masks.targets.unsqueeze(-1).expand(m, b, kt, e)
+        targets = torch.gather(h.unsqueeze(0).expand(m, -1, -1, -1), 2, index).reshape(m * b, kt, e)
+        z = self.student(volumes, masks.context)                                   # [B, Kc, E]
+        pred = self.predictor(z, masks.context, masks.targets)                     # [M*B, Kt, E]
+        return IJEPAOutput(ijepa_loss(pred, targets, self.config.loss), pred, targets, h)
+
+    def _ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        teacher = dict(self.teacher.encoder_named_parameters())
+        pairs = [(teacher[n], p) for n, p in self.student.encoder_named_parameters()]
+        return [t for t, _ in pairs], [s.detach() for _, s in pairs]
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        """θ_T ← m·θ_T + (1 − m)·θ_S, in place on the (fp32) parameters."""
-        t = [p for _, p in self.teacher.encoder_named_parameters()]
-        s = [p.detach() for _, p in self.student.encoder_named_parameters()]
-        torch._foreach_mul_(t, momentum)
-        torch._foreach_add_(t, s, alpha=1.0 - momentum)
+        """θ_T ← m·θ_T + (1 − m)·θ_S in place, one fused `lerp` over all encoder parameters (the
+        frozen decoder is skipped). Exact at the ends: m = 1 keeps θ_T, m = 0 copies θ_S. The
+        parameters stay fp32 (autocast never touches them), so the average is fp32."""
+        momentum = float(momentum)
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"EMA momentum must be in [0, 1], got {momentum}")
+        teacher, student = self._ema_pairs()
+        if teacher:
+            torch._foreach_lerp_(teacher, student, 1.0 - momentum)
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
-        """Student + predictor; no decay on biases, norms (1-D), position embeddings, mask token."""
-        decay, no_decay = [], []
-        named = self.student.encoder_named_parameters() + list(self.predictor.named_parameters())
-        for name, p in named:
-            if p.requires_grad:
-                exempt = p.ndim <= 1 or name.endswith(".bias") or "pos_embed" in name or "mask_token" in name
-                (no_decay if exempt else decay).append(p)
-        return [{"name": "decay", "params": decay, "weight_decay": weight_decay, "apply_wd": True},
-                {"name": "no_decay", "params": no_decay, "weight_decay": 0.0, "apply_wd": False}]
+        """AdamW groups over the student encoder and the predictor (never the teacher): weights
+        with `weight_decay`, and biases / 1-D / position embeddings / mask token / register tokens
+        without. Each group has a `name` and `apply_wd`, so the trainer sets the scheduled weight
+        decay per step on the `apply_wd` groups only (I-JEPA's 4 groups)."""
+        groups = []
+        parts = (("encoder", self.student.encoder_named_parameters()),
+                 ("predictor", list(self.predictor.named_parameters())))
+        for part, named in parts:
+            decay = [p for n, p in named if p.requires_grad and not _exempt_from_weight_decay(n, p)]
+            exempt = [p for n, p in named if p.requires_grad and _exempt_from_weight_decay(n, p)]
+            if decay:
+                groups.append({"name": f"{part}_decay", "params": decay, "weight_decay": float(weight_decay),
+                               "apply_wd": True})
+            if exempt:
+                groups.append({"name": f"{part}_no_decay", "params": exempt, "weight_decay": 0.0,
+                               "apply_wd": False})
+        return groups
 
     def export_encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """The teacher (EMA) encoder under downstream Primus names (`eva.*`, `down_projection.*`),
+        CPU tensors: the `network_weights` of an nnssl checkpoint (spec §2.12)."""
         return self.teacher.encoder_state_dict()

@@ -1,9 +1,12 @@
 """The I-JEPA predictor: a narrow transformer that predicts target-block features from context.
 
-Each target block is predicted in its own sequence [context ; block queries] (queries of
-different blocks never attend to each other), all blocks batched block-major (row m*B + b),
-with fixed 3D sin-cos positions and one shared learnable mask token. Attention uses
-`F.scaled_dot_product_attention` (fused kernels where available).
+As in the released I-JEPA (IJEPA_SPEC §1.3): the context tokens are projected to the predictor
+width and get fixed sin-cos positions; each target block gets one query per token (the one
+shared learnable mask token plus the position); every block is predicted in its own sequence
+[context ; block-m queries], so queries of different blocks never attend to each other; the M
+sequences are batched block-major (row m·B + b). Positions are 3D sin-cos in V-JEPA's "uniform
+power" form (spec §2.5). Attention runs on `F.scaled_dot_product_attention` (fused kernels on
+CPU and CUDA).
 """
 
 from __future__ import annotations
@@ -14,72 +17,116 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnssl.errors import InvalidInput
+
+
+class InvalidPredictorConfig(InvalidInput, ValueError):
+    """Predictor sizes that cannot build a network."""
+
 
 def _sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
-    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
-    angles = positions.double()[:, None] * omega[None, :]
+    """[n] -> [n, dim]: half sin, half cos, frequencies 1 / 10000^(k / (dim/2))."""
+    omega = 1.0 / 10000.0 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
+    angles = positions.to(torch.float64)[:, None] * omega[None, :]
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
 def sincos_pos_embed_3d(grid: tuple[int, ...], dim: int) -> torch.Tensor:
-    """[N, dim] fixed positions, C-order over `grid`; each axis gets its own channel block
-    (V-JEPA "uniform power": 2*ceil(dim/6) channels per axis, concatenated, truncated), so a
-    non-cubic grid is encoded per axis without mixing them up."""
+    """Fixed positions [N, dim] for the tokens of `grid` in C-order (token n = (i·Gy + j)·Gz + k).
+
+    V-JEPA "uniform power": every axis gets its own block of 2·ceil(dim / 6) channels (for 3D),
+    blocks concatenated in axis order and the result truncated to `dim` (384 -> 128 per axis).
+    Each axis is encoded from its own coordinate, so non-cubic grids stay correct (test P4; nidl's
+    version scrambles axes there, spec N2). Also works for 1D and 2D grids."""
+    grid = tuple(int(g) for g in grid)
+    if not grid or min(grid) < 1 or dim < 2 * len(grid):
+        raise InvalidPredictorConfig(f"cannot build sin-cos positions for grid {grid} and width {dim}: "
+                                     f"need a non-empty grid and width >= {2 * len(grid)}")
     per_axis = 2 * math.ceil(dim / (2 * len(grid)))
     coords = torch.stack(torch.meshgrid(*[torch.arange(g) for g in grid], indexing="ij"), -1)
     coords = coords.reshape(-1, len(grid))
-    parts = [_sincos_1d(coords[:, a], per_axis) for a in range(len(grid))]
-    return torch.cat(parts, dim=1)[:, :dim].float()
+    parts = [_sincos_1d(coords[:, axis], per_axis) for axis in range(len(grid))]
+    return torch.cat(parts, dim=1)[:, :dim].float().contiguous()
 
 
-class _Block(nn.Module):
-    """Pre-LN transformer block (qkv bias, MLP ratio 4, LN eps 1e-6) on SDPA."""
+class PredictorBlock(nn.Module):
+    """Pre-LN transformer block as in I-JEPA's ViT (qkv bias, GELU MLP, LN eps 1e-6), with
+    fused attention."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float) -> None:
+    def __init__(self, width: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
         super().__init__()
-        self.heads = heads
+        self.num_heads = num_heads
+        hidden = int(width * mlp_ratio)
         self.norm1 = nn.LayerNorm(width, eps=1e-6)
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
         self.norm2 = nn.LayerNorm(width, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(width, int(width * mlp_ratio)), nn.GELU(),
-                                 nn.Linear(int(width * mlp_ratio), width))
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
-        x = x + self.proj(a)
-        return x + self.mlp(self.norm2(x))
+        qkv = self.qkv(self.norm1(x)).reshape(b, n, 3, self.num_heads, c // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                    # [B, H, n, d] each
+        a = F.scaled_dot_product_attention(q, k, v)
+        x = x + self.proj(a.transpose(1, 2).reshape(b, n, c))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
 
 class JEPAPredictor(nn.Module):
+    """context [B, Kc, E] at `context_idx` [B, Kc], target indices [M, B, Kt] -> predictions
+    [M·B, Kt, E], row m·B + b = block m of sample b (the order of `targets.reshape(M*B, Kt)`).
+
+    Depth 0 is allowed (the spec's T5 negative control): the queries then never see the context.
+    """
+
     def __init__(self, grid: tuple[int, ...], encoder_dim: int, width: int = 384, depth: int = 6,
                  num_heads: int = 12, mlp_ratio: float = 4.0) -> None:
         super().__init__()
-        if width % num_heads:
-            raise ValueError(f"predictor width {width} must be divisible by its {num_heads} heads")
-        self.grid = tuple(grid)
+        problems = []
+        if width < 1 or encoder_dim < 1 or depth < 0 or num_heads < 1 or mlp_ratio <= 0:
+            problems.append(f"need width, encoder_dim, num_heads >= 1, depth >= 0 and mlp_ratio > 0; got width "
+                            f"{width}, encoder_dim {encoder_dim}, heads {num_heads}, depth {depth}, mlp_ratio {mlp_ratio}")
+        elif width % num_heads:
+            problems.append(f"predictor width {width} must be divisible by its {num_heads} heads")
+        if problems:
+            raise InvalidPredictorConfig("cannot build the JEPA predictor:", problems)
+        self.grid = tuple(int(g) for g in grid)
+        self.num_tokens = math.prod(self.grid)
         self.embed = nn.Linear(encoder_dim, width)
+        # fixed, so not a parameter; not persistent: rebuilt from the grid, never stale in a checkpoint
         self.register_buffer("pos_embed", sincos_pos_embed_3d(self.grid, width), persistent=False)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.blocks = nn.ModuleList(_Block(width, num_heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(PredictorBlock(width, num_heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.head = nn.Linear(width, encoder_dim)
-        # I-JEPA's effective init (its helper re-initialises every Linear): trunc-normal 0.02, zero bias
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """I-JEPA's effective init (its helper re-initialises every Linear after the ViT's depth
+        rescale, erasing it; spec §1.3): trunc-normal(0.02) weights, zero biases, LN 1 / 0, mask
+        token trunc-normal(0.02)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
 
     def forward(self, context: torch.Tensor, context_idx: torch.Tensor, target_idx: torch.Tensor) -> torch.Tensor:
-        """context [B, Kc, E] at context_idx [B, Kc]; target_idx [M, B, Kt] -> [M*B, Kt, E]."""
+        if target_idx.ndim != 3 or context.ndim != 3 or context_idx.shape != context.shape[:2] \
+                or target_idx.shape[1] != context.shape[0]:
+            raise InvalidInput(f"predictor expects context [B, Kc, E], context_idx [B, Kc] and target_idx "
+                               f"[M, B, Kt]; got {list(context.shape)}, {list(context_idx.shape)}, "
+                               f"{list(target_idx.shape)}")
         m, b, kt = target_idx.shape
-        pos = self.pos_embed.to(context.dtype)
-        ctx = self.embed(context) + pos[context_idx]                      # [B, Kc, W]
-        queries = self.mask_token.to(ctx.dtype) + pos[target_idx.reshape(m * b, kt)]  # [M*B, Kt, W]
-        x = torch.cat([ctx.repeat(m, 1, 1), queries], dim=1)              # block-major rows m*B + b
+        ctx = self.embed(context)
+        ctx = ctx + F.embedding(context_idx, self.pos_embed).to(ctx.dtype)            # [B, Kc, W]
+        queries = F.embedding(target_idx.reshape(m * b, kt), self.pos_embed)           # [M*B, Kt, W]
+        queries = (queries + self.mask_token).to(ctx.dtype)
+        x = torch.cat([ctx.repeat(m, 1, 1), queries], dim=1)  # row m*B + b: sample b, block m
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x[:, -kt:]))

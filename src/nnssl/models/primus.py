@@ -1,13 +1,21 @@
 """Token-level access to dynamic-network-architectures' Primus for JEPA-style training.
 
-The JEPA context encoder must run only on selected tokens, with the absolute position
-embedding and the RoPE table gathered with the *same* indices. Primus's own `patch_drop_rate`
-cannot be used: it draws random indices, and in the released versions its per-sample RoPE has
-shape [B, K, d], which does not broadcast against attention's [B, heads, K, d] for batch > 1.
-This wrapper does the selection itself and hands RoPE to the Eva blocks as [B, 1, K, d].
+A JEPA context encoder runs only on selected tokens, and the absolute position embedding and
+the RoPE table must be gathered with the *same* indices as the tokens (IJEPA_SPEC §2.3,
+pitfall 5). Primus's own `patch_drop_rate` cannot do this: it draws its own random indices,
+and in the released versions its per-sample RoPE has shape [B, K, d], which does not broadcast
+against attention's [B, heads, K, d] for batch > 1. `PrimusTokenEncoder` does the selection
+itself and hands RoPE to the Eva blocks as [B, 1, K, d], which timm's `apply_rot_embed_cat`
+broadcasts over heads.
 
-Token order is Primus's: `b c w h d -> b (w h d) c` (C-order over the grid), the same
-convention as `nnssl.methods.masks`.
+The patch embedding is Primus's own Conv3d (kernel = stride = patch), evaluated as a patchify
+reshape followed by one matrix product with the same weights. That is the same function, but
+only the selected patches are projected, and its backward is a GEMM instead of a strided-conv
+weight gradient (36 ms of a 59 ms CPU step at the toy size, measured). The state-dict keys do
+not change: the real Primus is held as `.primus`.
+
+Token order is Primus's: `b c w h d -> b (w h d) c` (C-order over the grid), the convention of
+`nnssl.methods.masks` (test M11).
 """
 
 from __future__ import annotations
@@ -16,115 +24,214 @@ import math
 from typing import Any
 
 import torch
-from dynamic_network_architectures.architectures.primus import Primus
+import torch.nn.functional as F
+from dynamic_network_architectures.architectures.primus import _PRIMUS_CONFIGS, Primus
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-# width / depth / heads. S/B/M/L equal dynamic-network-architectures' _PRIMUS_CONFIGS; "Tiny"
-# is a CPU-sized model valid under Eva's RoPE constraint (head_dim / 1.5 a multiple of 4).
+from nnssl.errors import InvalidInput
+
+# embed_dim / eva_depth / eva_numheads. S/B/M/L are dynamic-network-architectures' presets (the
+# nnU-Net PrimusS/B/M/L networks). "Tiny" is CPU-sized and satisfies Eva's 3D RoPE constraint
+# (rope_dim = head_dim / 1.5 must be an integer multiple of 4): 96 / 2 heads = 48 -> rope 32.
 PRIMUS_PRESETS: dict[str, dict[str, int]] = {
+    **{name: {"embed_dim": int(c["embed_dim"]), "eva_depth": int(c["eva_depth"]),
+              "eva_numheads": int(c["eva_numheads"])} for name, c in _PRIMUS_CONFIGS.items()},
     "Tiny": {"embed_dim": 96, "eva_depth": 2, "eva_numheads": 2},
-    "S": {"embed_dim": 396, "eva_depth": 12, "eva_numheads": 6},
-    "B": {"embed_dim": 792, "eva_depth": 12, "eva_numheads": 12},
-    "M": {"embed_dim": 864, "eva_depth": 16, "eva_numheads": 12},
-    "L": {"embed_dim": 1056, "eva_depth": 24, "eva_numheads": 16},
+}
+
+# What nnU-Net's Primus trainers pass besides the preset (nnUNet_Primus_M_Trainer:
+# init_values=0.1, scale_attn_inner=True; the rest are Primus's defaults, written out so the
+# adaptation plan is explicit). drop_path is 0 here (spec §2.8), 0.2 downstream.
+_PRIMUS_FIXED_KWARGS: dict[str, Any] = {
+    "init_values": 0.1, "scale_attn_inner": True, "use_rot_pos_emb": True, "use_abs_pos_embed": True,
+    "mlp_ratio": 8.0 / 3.0, "num_register_tokens": 0, "patch_drop_rate": 0.0,
 }
 
 
-def primus_arch_kwargs(preset: str, input_channels: int = 1, patch_size: tuple[int, int, int] = (8, 8, 8),
-                       input_shape: tuple[int, int, int] = (160, 160, 160), num_classes: int = 1,
-                       drop_path_rate: float = 0.0) -> dict[str, Any]:
-    """Plain-type Primus kwargs as the nnU-Net PrimusS/B/M/L presets use them (init_values 0.1,
-    scale_attn_inner True, RoPE + learned absolute positions, no register tokens)."""
+class InvalidPrimusConfig(InvalidInput, ValueError):
+    """A Primus preset, patch size or input shape that cannot build a network."""
+
+
+def _rope_problem(embed_dim: int, heads: int) -> str | None:
+    head_dim = embed_dim / heads
+    rope_dim = head_dim / 1.5
+    if embed_dim % heads or rope_dim != int(rope_dim) or int(rope_dim) % 4:
+        return (f"embed_dim {embed_dim} with {heads} heads gives head_dim {head_dim:g} and RoPE dim "
+                f"{rope_dim:g}; Eva's 3D RoPE needs head_dim / 1.5 to be an integer multiple of 4")
+    return None
+
+
+def primus_arch_kwargs(preset: str, input_channels: int, patch_size: tuple[int, int, int],
+                       input_shape: tuple[int, int, int], drop_path_rate: float = 0.0,
+                       num_classes: int = 1) -> dict[str, Any]:
+    """Plain-type (JSON-safe) keyword arguments of
+    `dynamic_network_architectures.architectures.primus.Primus`, as nnU-Net's PrimusS/B/M/L
+    networks use them, for the adaptation plan and for `build_primus`."""
+    problems = []
     if preset not in PRIMUS_PRESETS:
-        raise ValueError(f"unknown Primus preset {preset!r}; choose one of {sorted(PRIMUS_PRESETS)}")
-    if any(s % p for s, p in zip(input_shape, patch_size)):
-        raise ValueError(f"input shape {input_shape} must be a multiple of the patch size {patch_size}")
+        problems.append(f"unknown Primus preset {preset!r}; choose one of {sorted(PRIMUS_PRESETS)}")
+    if len(tuple(patch_size)) != 3 or len(tuple(input_shape)) != 3:
+        problems.append(f"patch size {tuple(patch_size)} and input shape {tuple(input_shape)} must both be 3D")
+    elif any(p < 1 or s < p or s % p for s, p in zip(input_shape, patch_size)):
+        problems.append(f"input shape {tuple(input_shape)} must be a positive multiple of the patch size "
+                        f"{tuple(patch_size)} on every axis")
+    if input_channels < 1:
+        problems.append(f"input_channels must be >= 1, got {input_channels}")
+    if not 0.0 <= drop_path_rate < 1.0:
+        problems.append(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+    if problems:
+        raise InvalidPrimusConfig("cannot build Primus:", problems)
     return {
         "input_channels": int(input_channels), **PRIMUS_PRESETS[preset],
         "patch_embed_size": [int(p) for p in patch_size], "num_classes": int(num_classes),
         "input_shape": [int(s) for s in input_shape], "drop_path_rate": float(drop_path_rate),
-        "init_values": 0.1, "scale_attn_inner": True, "use_rot_pos_emb": True,
-        "use_abs_pos_embed": True, "num_register_tokens": 0, "patch_drop_rate": 0.0,
+        **_PRIMUS_FIXED_KWARGS,
     }
 
 
 def build_primus(preset: str = "M", input_channels: int = 1, patch_size: tuple[int, int, int] = (8, 8, 8),
                  input_shape: tuple[int, int, int] = (160, 160, 160), num_classes: int = 1,
                  drop_path_rate: float = 0.0) -> Primus:
-    kwargs = primus_arch_kwargs(preset, input_channels, patch_size, input_shape, num_classes, drop_path_rate)
+    """The real Primus network of a preset (the one nnU-Net fine-tunes)."""
+    kwargs = primus_arch_kwargs(preset, input_channels, patch_size, input_shape, drop_path_rate, num_classes)
     kwargs["patch_embed_size"] = tuple(kwargs["patch_embed_size"])
     kwargs["input_shape"] = tuple(kwargs["input_shape"])
     return Primus(**kwargs)
 
 
 class PrimusTokenEncoder(nn.Module):
-    """Patch embedding -> + abs pos -> select tokens -> Eva blocks (RoPE gathered) -> norm."""
+    """Token-level access to a Primus for JEPA: patch embedding + absolute positions of the
+    selected tokens only, Eva blocks with the RoPE table gathered with the same indices, final
+    norm. Never uses Primus's `patch_drop_rate` (broken for batch > 1).
 
-    def __init__(self, primus: Primus) -> None:
+    `primus` is the real network: its state-dict keys stay `primus.eva.*` and
+    `primus.down_projection.*`. Its segmentation decoder (`up_projection`) is never used by JEPA
+    and is frozen (`requires_grad=False`), so it stays out of optimizers, EMA and DDP's
+    unused-parameter checks. Register tokens, if the Primus has them, are prepended after the
+    selection and stripped from the output (spec §2.3).
+    """
+
+    def __init__(self, primus: Primus, grid: tuple[int, int, int] | None = None) -> None:
         super().__init__()
-        if primus.register_tokens is not None:
-            raise ValueError("register tokens are not supported by the JEPA token encoder")
-        if primus.eva.patch_drop is not None:
-            raise ValueError("build Primus with patch_drop_rate=0; token selection is done here")
-        self.primus = primus
         eva = primus.eva
+        proj = getattr(primus.down_projection, "proj", None)
+        if not isinstance(proj, nn.Conv3d) or tuple(proj.kernel_size) != tuple(proj.stride) or any(proj.padding):
+            raise InvalidPrimusConfig("PrimusTokenEncoder needs Primus's plain patch embedding "
+                                      "(one Conv3d with kernel = stride, no padding)")
+        if eva.patch_drop is not None:
+            raise InvalidPrimusConfig("build Primus with patch_drop_rate=0: JEPA selects tokens itself, and "
+                                      "Primus's own token dropping is broken for batch > 1")
+        rope_shape = getattr(eva.rope, "feat_shape", None) if eva.rope is not None else None
+        grid = tuple(int(g) for g in (grid if grid is not None else rope_shape or ()))
+        if len(grid) != 3:
+            raise InvalidPrimusConfig("the token grid is unknown: pass grid=(gx, gy, gz) for a Primus without RoPE")
+        self.primus = primus
+        self.grid: tuple[int, int, int] = grid  # type: ignore[assignment]
+        self.num_tokens = math.prod(grid)
         self.embed_dim = int(primus.embed_dim)
-        self.num_heads = int(eva.blocks[0].attn.num_heads)
-        patch = primus.down_projection.proj.kernel_size
-        ref = getattr(eva.rope, "feat_shape", None) if eva.rope is not None else None
-        n = eva.pos_embed.shape[1] if eva.pos_embed is not None else None
-        self.patch_size = tuple(int(p) for p in patch)
-        self.grid = tuple(int(g) for g in ref) if ref is not None else None
-        self.num_tokens = int(n) if n is not None else (math.prod(self.grid) if self.grid else None)
+        self.num_heads = int(eva.blocks[0].attn.num_heads) if len(eva.blocks) else 1
+        self.patch_size: tuple[int, int, int] = tuple(int(p) for p in proj.kernel_size)  # type: ignore[assignment]
+        self.in_channels = int(proj.in_channels)
+        self.num_prefix_tokens = int(eva.num_prefix_tokens)
+        if eva.pos_embed is not None and eva.pos_embed.shape[1] != self.num_tokens + self.num_prefix_tokens:
+            raise InvalidPrimusConfig(f"Primus's position embedding has {eva.pos_embed.shape[1]} entries, the "
+                                      f"grid {grid} has {self.num_tokens} tokens")
+        for p in primus.up_projection.parameters():
+            p.requires_grad_(False)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, C, X, Y, Z] -> [B, N, E] patch tokens plus absolute positions (Primus order)."""
-        t = self.primus.down_projection(x)
-        grid = tuple(t.shape[2:])
-        if self.grid is not None and grid != self.grid:
-            raise ValueError(f"input gives a token grid {grid}, the model was built for {self.grid} "
-                             f"(patch {self.patch_size}); resize the input or rebuild the model")
-        t = t.flatten(2).transpose(1, 2)  # b c w h d -> b (w h d) c
-        if self.primus.eva.pos_embed is not None:
-            t = t + self.primus.eva.pos_embed
-        return t
+    # ---- embedding ---------------------------------------------------------------------------
 
-    def rope_table(self) -> torch.Tensor | None:
+    def _check_input(self, x: torch.Tensor) -> None:
+        expected = tuple(g * p for g, p in zip(self.grid, self.patch_size))
+        if x.ndim != 5 or x.shape[1] != self.in_channels or tuple(x.shape[2:]) != expected:
+            raise InvalidInput(f"PrimusTokenEncoder expects volumes [B, {self.in_channels}, {expected[0]}, "
+                               f"{expected[1]}, {expected[2]}] (token grid {self.grid} x patch "
+                               f"{self.patch_size}), got {list(x.shape)}; crop or resize the input, or "
+                               "build the network for this shape")
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, X, Y, Z] -> [B, N, C·px·py·pz], rows in token order, columns in the order of
+        the patch-embedding conv weight's flattening (C, px, py, pz)."""
+        self._check_input(x)
+        b, c = x.shape[:2]
+        (gx, gy, gz), (px, py, pz) = self.grid, self.patch_size
+        x = x.reshape(b, c, gx, px, gy, py, gz, pz).permute(0, 2, 4, 6, 1, 3, 5, 7)
+        return x.reshape(b, self.num_tokens, c * px * py * pz)
+
+    def embed(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch tokens plus absolute positions: [B, N, E], or [B, K, E] for the tokens `keep`
+        [B, K] (only those patches are projected)."""
+        patches = self.patchify(x)
+        if keep is not None:
+            self._check_keep(keep, x.shape[0])
+            patches = torch.gather(patches, 1, keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        proj = self.primus.down_projection.proj
+        tokens = F.linear(patches, proj.weight.reshape(proj.out_channels, -1), proj.bias)
+        pos = self.primus.eva.pos_embed
+        if pos is not None:
+            pos = pos[0, self.num_prefix_tokens:]
+            tokens = tokens + (pos if keep is None else F.embedding(keep, pos))
+        return tokens
+
+    def _check_keep(self, keep: torch.Tensor, batch: int) -> None:
+        # shape and dtype only: a value check would cost a device sync per step
+        if keep.dtype != torch.int64 or keep.ndim != 2 or keep.shape[0] != batch:
+            raise InvalidInput(f"token indices must be int64 [B={batch}, K], got {keep.dtype} {list(keep.shape)}")
+
+    def rope_for(self, keep: torch.Tensor | None) -> torch.Tensor | None:
+        """RoPE table rows of the tokens: [N, R] for all tokens (broadcast over batch and heads),
+        or [B, 1, K, R] for `keep` [B, K] (broadcast over heads)."""
         rope = self.primus.eva.rope
-        return rope.get_embed() if rope is not None else None  # [N, d]
+        if rope is None:
+            return None
+        table = rope.get_embed()  # [N, R] in C-order ('ij' grid indexing)
+        return table if keep is None else F.embedding(keep, table).unsqueeze(1)
+
+    # ---- transformer -------------------------------------------------------------------------
 
     def run_blocks(self, tokens: torch.Tensor, keep: torch.Tensor | None,
                    attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Eva blocks + final norm on `tokens` [B, K, E] located at `keep` [B, K] (None: all N)."""
-        rope = self.rope_table()
-        if rope is not None:
-            rope = rope.to(tokens.dtype if tokens.is_floating_point() else rope.dtype)
-            rope = rope.unsqueeze(0) if keep is None else rope[keep]  # [1 or B, K, d]
-            rope = rope.unsqueeze(1)  # [B, 1, K, d]: broadcasts over heads (the batch>1 fix)
+        """Eva blocks + final norm on `tokens` [B, K, E] that sit at `keep` [B, K] (None: all N
+        in order). `attn_mask` ([B, 1, K, K] bool, True = may attend) is for tests (E7)."""
         eva = self.primus.eva
+        rope = self.rope_for(keep)
         x = eva.pos_drop(tokens)
+        npt = self.num_prefix_tokens
+        if npt:
+            reg = self.primus.register_tokens + eva.pos_embed[:, :npt] if eva.pos_embed is not None \
+                else self.primus.register_tokens
+            x = torch.cat([reg.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         for block in eva.blocks:
-            x = block(x, rope=rope, attn_mask=attn_mask)
-        return eva.norm(x)
+            if eva.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                x = checkpoint(block, x, rope=rope, attn_mask=attn_mask, use_reentrant=False)
+            else:
+                x = block(x, rope=rope, attn_mask=attn_mask)
+        return eva.norm(x[:, npt:])
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        tokens = self.embed(x)
-        if keep is not None:
-            tokens = torch.gather(tokens, 1, keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-        return self.run_blocks(tokens, keep)
+        """x [B, C, X, Y, Z]; keep int64 [B, K] or None (all N tokens) -> [B, K, E]."""
+        return self.run_blocks(self.embed(x, keep), keep)
+
+    # ---- layout and weights ------------------------------------------------------------------
 
     def tokens_to_volume(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[B, N, E] -> [B, E, gx, gy, gz] (inverse of Primus's flattening)."""
+        """[B, N, E] -> [B, E, gx, gy, gz] (the inverse of Primus's flattening)."""
+        if tokens.ndim != 3 or tokens.shape[1] != self.num_tokens:
+            raise InvalidInput(f"expected tokens [B, {self.num_tokens}, E], got {list(tokens.shape)}")
         return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *self.grid)
 
+    def _is_encoder_key(self, name: str) -> bool:
+        return name.split(".", 1)[0] in (self.primus.key_to_encoder, self.primus.key_to_stem)
+
     def encoder_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """Parameters of the encoder proper (`eva.*`, `down_projection.*`); Primus's decoder
-        (`up_projection`) is never used by JEPA and stays out of optimizers and EMA."""
-        keys = (self.primus.key_to_encoder, self.primus.key_to_stem)
-        return [(n, p) for n, p in self.primus.named_parameters() if n.split(".")[0] in keys]
+        """Parameters JEPA trains and averages (names relative to the Primus): everything but the
+        frozen decoder, i.e. `eva.*`, `down_projection.*` and register tokens if any."""
+        return [(n, p) for n, p in self.primus.named_parameters() if not n.startswith("up_projection.")]
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
-        """Weights under the downstream Primus's own names: `eva.*` and `down_projection.*` only."""
-        keys = (self.primus.key_to_encoder, self.primus.key_to_stem)
-        return {k: v.detach().cpu().clone().contiguous() for k, v in self.primus.state_dict().items()
-                if k.split(".")[0] in keys}
+        """Weights under the downstream Primus's own names: `eva.*` and `down_projection.*` only
+        (no decoder, no mask token), detached CPU copies, contiguous: what nnU-Net's loader
+        selects with `startswith("eva")` / `startswith("down_projection")` and loads strictly."""
+        return {k: v.detach().to("cpu", copy=True).contiguous()
+                for k, v in self.primus.state_dict().items() if self._is_encoder_key(k)}

@@ -1,0 +1,171 @@
+"""Our I-JEPA training step vs nidl's (issue 5 "Speed"), side by side; prints one JSON object.
+
+Both sides: CPU, fp32, the same input size and batch sizes, `--threads` threads, warm-up steps
+excluded, the median of the timed steps, FLOPs of one forward + backward counted with
+FlopCounterMode plus a formula for the CPU flash-attention kernel it does not count (see
+`_nidl_step.py`). Each side runs in its own process, sequentially: ours with this interpreter
+(nnssl's environment), nidl's with the python of its own venv.
+
+nidl's venv is `benchmarks/.nidl-venv` unless NNSSL_NIDL_VENV points elsewhere; it is created on
+first use with `python3 -m venv` + `pip install torch==2.14.1 torchvision==0.29.1 nidl==0.0.2`
+(torch/torchvision pinned so nidl's dependencies cannot replace them).
+
+Our configuration: Primus/Eva's RoPE needs head_dim/1.5 to be a multiple of 4, so nidl's width
+256 with 8 heads cannot be built; we use width 288 with 8 heads (head_dim 36, RoPE 24): more
+compute than nidl's encoder, the conservative choice. Predictor 256 × 6 with 8 heads, as nidl.
+
+    python benchmarks/ijepa_step.py [--batch-sizes 4 16] [--threads 2] [--ours-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _nidl_step import NIDL_CONFIG, count_step_flops, measure  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+NIDL_PINS = ["torch==2.14.1", "torchvision==0.29.1", "nidl==0.0.2"]
+SPEEDUP_TARGET = 2.5
+
+OUR_CONFIG = {
+    "input": 64, "patch": 8, "width": 288, "depth": 6, "heads": 8,
+    "predictor_width": 256, "predictor_depth": 6, "predictor_heads": 8, "num_targets": 4,
+    "context_scale": (0.85, 1.0), "target_scale": (0.15, 0.2),
+    "note": "width 288 (not 256): Eva RoPE needs head_dim/1.5 % 4 == 0; 288/8 = 36 -> rope 24",
+}
+
+
+def build_ours(config: dict = OUR_CONFIG, total_steps: int = 1000):
+    """(method, sampler, optimizer, schedule) on the real nnssl code path."""
+    from dynamic_network_architectures.architectures.primus import Primus
+
+    from nnssl.methods.ijepa import IJEPA, IJEPAConfig
+    from nnssl.methods.masks import MaskConfig, MultiBlockMaskSampler
+    from nnssl.methods.schedules import ScheduleConfig, lr_at, wd_at
+    from nnssl.models.primus import PrimusTokenEncoder, primus_arch_kwargs
+
+    kwargs = primus_arch_kwargs("Tiny", input_channels=1, patch_size=(config["patch"],) * 3,
+                                input_shape=(config["input"],) * 3)
+    kwargs.update(embed_dim=config["width"], eva_depth=config["depth"], eva_numheads=config["heads"])
+    kwargs["patch_embed_size"] = tuple(kwargs["patch_embed_size"])
+    kwargs["input_shape"] = tuple(kwargs["input_shape"])
+    encoder = PrimusTokenEncoder(Primus(**kwargs))
+    method = IJEPA(encoder, IJEPAConfig(predictor_width=config["predictor_width"],
+                                        predictor_depth=config["predictor_depth"],
+                                        predictor_heads=config["predictor_heads"]))
+    sampler = MultiBlockMaskSampler(encoder.grid, MaskConfig(num_targets=config["num_targets"],
+                                                             target_scale=config["target_scale"],
+                                                             context_scale=config["context_scale"]))
+    schedule = ScheduleConfig(total_steps=total_steps, warmup_steps=min(40, total_steps - 1))
+    optimizer = torch.optim.AdamW(method.parameter_groups(wd_at(0, schedule)), lr=lr_at(0, schedule))
+    return method, sampler, optimizer, schedule
+
+
+def ours_side(batch_sizes: list[int], warmup: int, timed: int, config: dict = OUR_CONFIG) -> dict:
+    """Time our full step (masks, forward, backward, AdamW with schedules, EMA) per batch size."""
+    from nnssl.methods.schedules import lr_at, momentum_at, wd_at
+
+    torch.manual_seed(0)
+    method, sampler, optimizer, schedule = build_ours(config)
+    method.train()
+    results = {}
+    for bs in batch_sizes:
+        x = torch.randn(bs, 1, *(config["input"],) * 3)
+        last = {}
+
+        def forward_backward(i: int = 0) -> None:
+            masks = sampler(bs, i)
+            method(x, masks).loss.backward()
+            last["context_tokens"] = int(masks.context.shape[1])
+
+        def step(i: int) -> dict:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(i, schedule)
+                if group["apply_wd"]:
+                    group["weight_decay"] = wd_at(i, schedule)
+            optimizer.zero_grad(set_to_none=True)
+            forward_backward(i)
+            optimizer.step()
+            method.update_teacher(momentum_at(i, schedule))
+            return dict(last)
+
+        flops = count_step_flops(forward_backward)
+        optimizer.zero_grad(set_to_none=True)
+        results[str(bs)] = measure(step, bs, warmup, timed, flops)
+    return results
+
+
+def nidl_python() -> Path:
+    """nidl venv's python, creating the venv (pinned torch/torchvision) when it is missing."""
+    venv = Path(os.environ.get("NNSSL_NIDL_VENV") or HERE / ".nidl-venv")
+    python = venv / "bin" / "python"
+    if not python.exists():
+        print(f"creating nidl's environment in {venv} (about 90 s)", file=sys.stderr)
+        subprocess.run(["python3", "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *NIDL_PINS], check=True)
+    return python
+
+
+def nidl_side(batch_sizes: list[int], threads: int, warmup: int, timed: int) -> dict:
+    cmd = [str(nidl_python()), str(HERE / "_nidl_step.py"), "--threads", str(threads),
+           "--warmup", str(warmup), "--timed", str(timed), "--batch-sizes", *map(str, batch_sizes)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _ours_subprocess(batch_sizes: list[int], threads: int, warmup: int, timed: int) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--ours-only", "--threads", str(threads),
+           "--warmup", str(warmup), "--timed", str(timed), "--batch-sizes", *map(str, batch_sizes)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 16])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--timed", type=int, default=3)
+    parser.add_argument("--ours-only", action="store_true", help="time our side in this process only")
+    args = parser.parse_args()
+    if args.ours_only:
+        torch.set_num_threads(args.threads)
+        print(json.dumps({"per_batch": ours_side(args.batch_sizes, args.warmup, args.timed)}))
+        return 0
+    # each side in its own fresh process, one after the other
+    ours = _ours_subprocess(args.batch_sizes, args.threads, args.warmup, args.timed)["per_batch"]
+    nidl = nidl_side(args.batch_sizes, args.threads, args.warmup, args.timed)
+    per_batch, speedups, gflops_ok = {}, [], []
+    for bs in map(str, args.batch_sizes):
+        o, n = ours[bs], nidl["per_batch"][bs]
+        speedup = o["samples_per_s"] / n["samples_per_s"]
+        speedups.append(speedup)
+        gflops_ok.append(o["gflops_per_s"] >= n["gflops_per_s"])
+        per_batch[bs] = {"ours": o, "nidl": n, "speedup_vs_nidl": speedup}
+    result = {
+        "config": {"ours": OUR_CONFIG, "nidl": NIDL_CONFIG, "threads": args.threads, "dtype": "float32",
+                   "device": "cpu", "warmup_steps": args.warmup, "timed_steps": args.timed,
+                   "nidl_driver": "plain loop over nidl's pieces (masker, encoders, predictor, loss, "
+                                  "AdamW, MomentumUpdater), no Lightning Trainer",
+                   "flops": "FlopCounterMode on forward+backward + 4BHLqLkd (fwd) / 2x (bwd) for the "
+                            "CPU flash-attention kernel; optimizer and EMA excluded (O(params))"},
+        "per_batch": per_batch,
+        "speedup_vs_nidl": min(speedups),
+        "gflops_per_s_ours": min(ours[str(b)]["gflops_per_s"] for b in args.batch_sizes),
+        "gflops_per_s_nidl": max(nidl["per_batch"][str(b)]["gflops_per_s"] for b in args.batch_sizes),
+        "meets_targets": {"speedup_ge_2_5": min(speedups) >= SPEEDUP_TARGET, "gflops_ge_nidl": all(gflops_ok)},
+    }
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,58 @@
+"""Smoke test of our side of benchmarks/ijepa_step.py at a tiny size (installs nothing, no nidl)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+TINY = {
+    "input": 32, "patch": 8, "width": 96, "depth": 1, "heads": 2,
+    "predictor_width": 32, "predictor_depth": 1, "predictor_heads": 2, "num_targets": 2,
+    "context_scale": (0.85, 1.0), "target_scale": (0.15, 0.2),
+}
+
+
+def _load_benchmark():
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("ijepa_step_bench", BENCH / "ijepa_step.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_ours_side_tiny_reports_consistent_numbers():
+    bench = _load_benchmark()
+    threads = torch.get_num_threads()
+    try:
+        result = bench.ours_side([2], warmup=1, timed=2, config=TINY)
+    finally:
+        torch.set_num_threads(threads)
+    r = result["2"]
+    assert r["batch_size"] == 2 and len(r["step_s_all"]) == 2
+    assert r["flops_per_step"] > 0 and math.isclose(r["flops_per_sample"], r["flops_per_step"] / 2)
+    assert math.isclose(r["samples_per_s"], 2 / r["step_s_median"])
+    assert 10 < r["context_tokens_mean"] < 64  # targets removed from the 4³ grid's context
+
+
+def test_attention_flop_formula_counts_cpu_sdpa():
+    sys.path.insert(0, str(BENCH))
+    try:
+        from _nidl_step import count_step_flops
+    finally:
+        sys.path.remove(str(BENCH))
+    q = torch.randn(1, 2, 8, 4, requires_grad=True)
+
+    def fwd_bwd() -> None:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward()
+
+    # 4·B·H·L·L·d forward + 2× backward, whichever CPU kernel runs (math path counted by torch)
+    assert count_step_flops(fwd_bwd) >= 3 * 4 * 1 * 2 * 8 * 8 * 4
