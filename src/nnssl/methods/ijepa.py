@@ -32,7 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnssl.errors import InvalidInput, NnsslError
-from nnssl.methods.masks import MaskBatch
+from nnssl.methods.base import TRAIN_STREAM, MethodOutput
+from nnssl.methods.masks import MaskBatch, MultiBlockMaskSampler
+from nnssl.models.backbone import BackboneSpec
 from nnssl.models.predictor import JEPAPredictor
 from nnssl.models.primus import PrimusTokenEncoder
 
@@ -121,9 +123,15 @@ class IJEPA(nn.Module):
     """Student (the given encoder), teacher (a deep copy, frozen, always in eval mode) and
     predictor. `state_dict()` holds all three, so a checkpoint resumes exactly."""
 
-    def __init__(self, encoder: PrimusTokenEncoder, config: IJEPAConfig = IJEPAConfig()) -> None:
+    def __init__(self, encoder: PrimusTokenEncoder, config: IJEPAConfig = IJEPAConfig(),
+                 mask_sampler: MultiBlockMaskSampler | None = None, backbone: BackboneSpec | None = None) -> None:
         super().__init__()
         self.config = config
+        # for the training loop's `PretrainingMethod` interface (methods/base.py); the plain
+        # forward(volumes, masks) API needs neither
+        self.mask_sampler = mask_sampler
+        self.backbone = backbone
+        self.embed_dim = int(encoder.embed_dim)
         self.student = encoder
         self.teacher = copy.deepcopy(encoder)
         self.teacher.requires_grad_(False)
@@ -193,6 +201,23 @@ class IJEPA(nn.Module):
                 groups.append({"name": f"{part}_no_decay", "params": exempt, "weight_decay": 0.0,
                                "apply_wd": False})
         return groups
+
+    # ---- the training loop's interface (methods/base.py) --------------------------------------
+
+    def training_output(self, volumes: torch.Tensor, anonymization_mask: torch.Tensor, step: int,
+                        rank: int = 0, stream: int = TRAIN_STREAM) -> MethodOutput:
+        """Masks for (step, rank, stream) from the attached sampler, then `forward`. The
+        anonymization mask is not used: I-JEPA's loss is on teacher features, not voxels."""
+        if self.mask_sampler is None:
+            raise InvalidInput("IJEPA.training_output needs a mask_sampler (IJEPA(encoder, config, mask_sampler=...))")
+        masks = self.mask_sampler(volumes.shape[0], step, rank=rank, stream=stream).to(volumes.device)
+        out = self(volumes, masks)
+        return MethodOutput(out.loss, monitor_tokens=out.teacher_tokens, predictions=out.predictions.detach(),
+                            scalars={"context_tokens": float(masks.context.shape[1]),
+                                     "target_tokens": float(masks.targets.shape[2])})
+
+    def after_optimizer_step(self, step: int, momentum: float) -> None:
+        self.update_teacher(momentum)
 
     def export_encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The teacher (EMA) encoder under downstream Primus names (`eva.*`, `down_projection.*`),

@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nnssl.errors import InvalidInput
+from nnssl.models.backbone import BackboneSpec
 
 # embed_dim / eva_depth / eva_numheads. S/B/M/L are dynamic-network-architectures' presets (the
 # nnU-Net PrimusS/B/M/L networks). "Tiny" is CPU-sized and satisfies Eva's 3D RoPE constraint
@@ -235,3 +236,13 @@ class PrimusTokenEncoder(nn.Module):
         selects with `startswith("eva")` / `startswith("down_projection")` and loads strictly."""
         return {k: v.detach().to("cpu", copy=True).contiguous()
                 for k, v in self.primus.state_dict().items() if self._is_encoder_key(k)}
+
+
+def primus_backbone_spec(primus: Primus, kwargs: dict[str, Any]) -> BackboneSpec:
+    """The adaptation-plan description of a Primus built from `kwargs` (`primus_arch_kwargs`):
+    presets export as `PrimusS/B/M/L` (what nnU-Net builds by name), anything else (Tiny) by
+    the class's import path; `arch_kwargs` is complete either way."""
+    preset = next((name for name, cfg in PRIMUS_PRESETS.items() if name != "Tiny"
+                   and all(kwargs.get(k) == v for k, v in cfg.items())), None)
+    name = f"Primus{preset}" if preset else "dynamic_network_architectures.architectures.primus.Primus"
+    return BackboneSpec.from_network(primus, name, kwargs, tuple(kwargs["input_shape"]), shape_kwarg="input_shape")

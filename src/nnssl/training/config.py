@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 METHODS: dict[str, str] = {
     "IJEPATrainer": "I-JEPA: predict EMA-teacher features of masked 3D blocks from a context block",
+    "MAETrainer": "MAE: reconstruct masked voxels (Primus: 75% of tokens dropped; ResEnc: 16³ blocks)",
 }
 
 # Backbone tag -> (description, Primus preset name, default patch size, default batch size)
@@ -26,9 +27,14 @@ BACKBONES: dict[str, str] = {
     "PrimusM": "Primus-M (3D ViT, width 864, depth 16) - the default",
     "PrimusL": "Primus-L (3D ViT, width 1056, depth 24)",
     "Tiny": "a tiny Primus for CPU smoke runs (trains in seconds)",
+    "ResEncL": "ResEnc-L (3D residual-encoder U-Net, nnU-Net's ResEncL preset)",
+    "ResEncTiny": "a tiny residual-encoder U-Net for CPU smoke runs (ResEnc-L's layout, fewer channels)",
 }
 
-_PRESET = {"PrimusS": "S", "PrimusB": "B", "PrimusM": "M", "PrimusL": "L", "Tiny": "Tiny"}
+_PRESET = {"PrimusS": "S", "PrimusB": "B", "PrimusM": "M", "PrimusL": "L", "Tiny": "Tiny",
+           "ResEncL": "L", "ResEncTiny": "Tiny"}
+PRIMUS_BACKBONES = ("PrimusS", "PrimusB", "PrimusM", "PrimusL", "Tiny")
+RESENC_BACKBONES = ("ResEncL", "ResEncTiny")
 
 
 @dataclass(frozen=True)
@@ -64,18 +70,37 @@ class TrainingConfig:
     target_aspect: tuple[float, float] = (0.75, 1.5)
     context_scale: tuple[float, float] = (0.85, 1.0)
     min_keep: int = 10
+    # MAE
+    mae_mask_ratio: float = 0.75  # fraction of tokens (Primus) or 16³ blocks (ResEnc) masked
+    mae_block_size: int = 16  # ResEnc: side of the cubic input blocks that are masked together
+    mae_decoder_width: int = 384  # Primus: width of the small Eva decoder
+    mae_decoder_depth: int = 2  # Primus: depth of the small Eva decoder
     # bookkeeping
     seed: int = 12345
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def backbone_family(self) -> str:
+        """"primus" (token ViT) or "resenc" (CNN)."""
+        return "resenc" if self.backbone in RESENC_BACKBONES else "primus"
+
+    @property
+    def token_size(self) -> tuple[int, int, int]:
+        """Voxels per mask cell: the Primus patch (8³) or ResEnc's bottleneck stride (32³)."""
+        return (32, 32, 32) if self.backbone_family == "resenc" else self.token_patch_size
 
     @classmethod
     def for_backbone(cls, method: str, backbone: str) -> "TrainingConfig":
         config = cls(method=method, trainer_name=method, backbone=backbone,
                      primus_preset=_PRESET[backbone])
-        if backbone == "Tiny":
-            config = replace(config, patch_size=(32, 32, 32), batch_size=2, num_epochs=2,
+        if backbone in ("Tiny", "ResEncTiny"):
+            patch = (32, 32, 32) if backbone == "Tiny" else (64, 64, 64)
+            config = replace(config, patch_size=patch, batch_size=2, num_epochs=2,
                              iterations_per_epoch=5, num_val_iterations=1, predictor_width=64,
-                             predictor_depth=2, min_keep=4)
+                             predictor_depth=2, min_keep=4, mae_decoder_width=48, mae_decoder_depth=1)
+        if backbone in RESENC_BACKBONES:
+            # a 5³ (160³ input) or 2³ (64³) cell grid: boxes of a few cells, small context floor
+            config = replace(config, min_keep=min(config.min_keep, 4))
         return config
 
     @property
@@ -105,10 +130,18 @@ class TrainingConfig:
         for name in ("batch_size", "num_epochs", "iterations_per_epoch"):
             if getattr(self, name) < 1:
                 out.append(f"{name} must be at least 1, got {getattr(self, name)}")
-        for axis, (p, t) in enumerate(zip(self.patch_size, self.token_patch_size)):
-            if p < t or p % t:
-                out.append(f"patch size {self.patch_size} must be a multiple of the token size "
-                           f"{self.token_patch_size} on every axis (axis {axis}: {p})")
+        if self.backbone in BACKBONES:
+            for axis, (p, t) in enumerate(zip(self.patch_size, self.token_size)):
+                if p < t or p % t:
+                    what = "ResEnc's total stride" if self.backbone_family == "resenc" else "the token size"
+                    out.append(f"patch size {self.patch_size} must be a multiple of {what} "
+                               f"{self.token_size} on every axis (axis {axis}: {p})")
+                    break
+        if not 0.0 < self.mae_mask_ratio < 1.0:
+            out.append(f"mae_mask_ratio must be in (0, 1), got {self.mae_mask_ratio}")
+        if self.method == "MAETrainer" and self.backbone_family == "resenc" and (
+                self.mae_block_size < 1 or any(p % self.mae_block_size for p in self.patch_size)):
+            out.append(f"mae_block_size {self.mae_block_size} must divide the patch size {self.patch_size}")
         if not 0 <= self.warmup_fraction < 1:
             out.append(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         if not 0 < self.ema_start <= self.ema_end <= 1:

@@ -1,0 +1,64 @@
+"""The contract between a pretraining method (I-JEPA, MAE) and the training loop.
+
+The loop (`nnssl.training.loop`) knows nothing method-specific: it asks the method for a loss
+on a batch, steps the optimizer over the method's parameter groups, tells the method the step
+is done (I-JEPA updates its EMA teacher there), logs the method's monitor features, and exports
+the method's encoder. Every method is an `nn.Module` whose `state_dict()` is everything needed
+to resume it.
+
+Masks are a pure function of (seed, step, rank, stream), never of a global RNG, so a resumed or
+distributed run draws exactly the masks an uninterrupted one would. Validation uses stream 1
+with the validation index as the step, so its masks are fixed across the whole run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from nnssl.models.backbone import BackboneSpec
+
+TRAIN_STREAM = 0
+VALIDATION_STREAM = 1
+
+
+@dataclass
+class MethodOutput:
+    """What one forward of a method returns to the loop."""
+
+    loss: torch.Tensor  # scalar, fp32, differentiable
+    # [B, N, E] features for the collapse monitors (I-JEPA: LN₀ teacher tokens; MAE: encoder
+    # tokens of the unmasked volume), detached; None if the method has none this step
+    monitor_tokens: torch.Tensor | None = None
+    predictions: torch.Tensor | None = None  # [.., E] predictions, detached (pred_std)
+    scalars: dict[str, float] = field(default_factory=dict)  # extra cheap numbers to log
+
+
+@runtime_checkable
+class PretrainingMethod(Protocol):
+    """Implemented by `IJEPAMethod`, `MAEMethod`, ... (nn.Modules)."""
+
+    backbone: BackboneSpec  # what export writes into the adaptation plan
+    embed_dim: int  # width of the monitor features (collapse thresholds scale with it)
+
+    def training_output(self, volumes: torch.Tensor, anonymization_mask: torch.Tensor, step: int,
+                        rank: int = 0, stream: int = TRAIN_STREAM) -> MethodOutput:
+        """Loss (and monitor features) for a batch [B, C, X, Y, Z]; `anonymization_mask`
+        [B, 1, X, Y, Z] bool marks defaced voxels to exclude from any voxel loss."""
+        ...
+
+    def after_optimizer_step(self, step: int, momentum: float) -> None:
+        """Called once per optimizer step, after `optimizer.step()` (EMA teachers update here;
+        `momentum` is the scheduled EMA momentum of this step)."""
+        ...
+
+    def parameter_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups over the trainable parameters; each has `name` and `apply_wd` (whether
+        the scheduled weight decay applies to it)."""
+        ...
+
+    def export_encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """`network_weights`: CPU tensors keyed as the downstream network names them."""
+        ...
