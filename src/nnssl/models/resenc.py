@@ -20,20 +20,33 @@ RESENC_L_STAGES = 6
 RESENC_L_STRIDE = 32
 
 
-def resenc_l_arch_kwargs(input_channels: int = 1, num_classes: int = 1, deep_supervision: bool = False
-                         ) -> dict[str, Any]:
+# features and residual blocks per stage; "L" is nnU-Net's ResEncL, "Tiny" keeps its layout
+# (6 stages, total stride 32) with few channels so tests and the demo run on a CPU
+RESENC_PRESETS: dict[str, dict[str, list[int]]] = {
+    "L": {"features_per_stage": [32, 64, 128, 256, 320, 320], "n_blocks_per_stage": [1, 3, 4, 6, 6, 6]},
+    "Tiny": {"features_per_stage": [8, 16, 32, 48, 64, 64], "n_blocks_per_stage": [1, 1, 1, 1, 1, 1]},
+}
+
+
+def resenc_l_arch_kwargs(input_channels: int = 1, num_classes: int = 1, deep_supervision: bool = False,
+                         preset: str = "L") -> dict[str, Any]:
     """Constructor kwargs of nnU-Net's ResEncL (features 32-320, 6 stages, blocks 1-3-4-6-6-6,
-    conv bias, affine InstanceNorm, LeakyReLU), with classes for the *_op kwargs."""
+    conv bias, affine InstanceNorm, LeakyReLU), with classes for the *_op kwargs; `preset="Tiny"`
+    changes only the widths and block counts."""
+    problems = []
     if input_channels < 1 or num_classes < 1:
-        raise InvalidInput(f"ResEnc-L needs input_channels >= 1 and num_classes >= 1, got "
-                           f"{input_channels} and {num_classes}")
+        problems.append(f"input_channels and num_classes must be >= 1, got {input_channels} and {num_classes}")
+    if preset not in RESENC_PRESETS:
+        problems.append(f"unknown ResEnc preset {preset!r}; choose one of {sorted(RESENC_PRESETS)}")
+    if problems:
+        raise InvalidInput("cannot build ResEnc:", problems)
     n = RESENC_L_STAGES
     return {
         "input_channels": int(input_channels), "n_stages": n,
-        "features_per_stage": [32, 64, 128, 256, 320, 320], "conv_op": nn.Conv3d,
+        "features_per_stage": list(RESENC_PRESETS[preset]["features_per_stage"]), "conv_op": nn.Conv3d,
         "kernel_sizes": [[3, 3, 3] for _ in range(n)],
         "strides": [[1, 1, 1]] + [[2, 2, 2] for _ in range(n - 1)],
-        "n_blocks_per_stage": [1, 3, 4, 6, 6, 6], "num_classes": int(num_classes),
+        "n_blocks_per_stage": list(RESENC_PRESETS[preset]["n_blocks_per_stage"]), "num_classes": int(num_classes),
         "n_conv_per_stage_decoder": [1, 1, 1, 1, 1], "conv_bias": True,
         "norm_op": nn.InstanceNorm3d, "norm_op_kwargs": {"eps": 1e-5, "affine": True},
         "dropout_op": None, "dropout_op_kwargs": None,
@@ -48,13 +61,17 @@ def check_resenc_patch_size(patch_size: tuple[int, int, int]) -> None:
                            f"every axis (5 stride-2 stages), got {tuple(patch_size)}")
 
 
-def build_resenc_l(input_channels: int = 1, num_classes: int = 1, deep_supervision: bool = False
-                   ) -> ResidualEncoderUNet:
+def build_resenc_l(input_channels: int = 1, num_classes: int = 1, deep_supervision: bool = False,
+                   preset: str = "L") -> ResidualEncoderUNet:
     """The stock network nnU-Net fine-tunes (random init)."""
-    return ResidualEncoderUNet(**resenc_l_arch_kwargs(input_channels, num_classes, deep_supervision))
+    return ResidualEncoderUNet(**resenc_l_arch_kwargs(input_channels, num_classes, deep_supervision, preset))
 
 
 def resenc_backbone_spec(network: ResidualEncoderUNet, kwargs: dict[str, Any],
                          patch_size: tuple[int, int, int]) -> BackboneSpec:
-    """Exports as `ResEncL` (the preset nnU-Net builds by name), with the full kwargs."""
-    return BackboneSpec.from_network(network, "ResEncL", kwargs, patch_size)
+    """ResEnc-L exports as `ResEncL` (the preset nnU-Net builds by name); other widths (Tiny) by
+    the class's import path. `arch_kwargs` is complete either way."""
+    is_l = kwargs["features_per_stage"] == RESENC_PRESETS["L"]["features_per_stage"] and \
+        kwargs["n_blocks_per_stage"] == RESENC_PRESETS["L"]["n_blocks_per_stage"]
+    name = "ResEncL" if is_l else "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+    return BackboneSpec.from_network(network, name, kwargs, patch_size)
