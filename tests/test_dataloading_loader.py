@@ -68,11 +68,16 @@ def test_same_seed_same_batches_and_workers_do_not_change_the_stream(nnssl_roots
     assert any(b.anonymization_mask.any() for b in first)  # masks travel with the patches
 
 
-def test_ranks_get_different_streams(nnssl_roots):
+def test_ranks_get_different_streams_that_make_up_the_global_batch(nnssl_roots):
     cases = _cases(nnssl_roots)
     rank0 = _run(cases, _config(), rank=0, world_size=2, end_step=4)
     rank1 = _run(cases, _config(), rank=1, world_size=2, end_step=4)
     assert not any(torch.equal(a.data, b.data) for a, b in zip(rank0, rank1))
+    # ...and together they are the global batch a single process with batch 2·3 sees
+    single = _run(cases, _config(batch_size=6), end_step=4)
+    for a, b, whole in zip(rank0, rank1, single):
+        assert torch.equal(torch.cat([a.data, b.data]), whole.data)
+        assert a.image_ids + b.image_ids == whole.image_ids
 
 
 def test_resume_from_a_step_continues_the_exact_stream(nnssl_roots):

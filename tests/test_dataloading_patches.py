@@ -59,7 +59,7 @@ def test_small_volume_is_padded_in_batches(nnssl_roots):
     sampler = PatchSampler(cases, SampleSpec((16, 16, 16), augment=AugmentConfig.disabled()))
     data, mask = np.empty((1, 16, 16, 16), np.float32), np.empty((1, 16, 16, 16), bool)
     for i in range(10):
-        info = sampler.sample_into(sample_rng(0, 0, i, 0), data, mask)
+        info = sampler.sample_into(sample_rng(0, i, 0), data, mask)
         assert data.sum() == 6 * 16 * 9  # every voxel of the volume once, zeros elsewhere
         assert info.region[1][0] - info.region[0][0] == 16 and not mask.any()
 
@@ -81,7 +81,7 @@ def test_reads_only_the_region_the_augmentation_needs(nnssl_roots, monkeypatch):
     n_crop, volumes = 0, []
     for i in range(60):
         requested.clear()
-        info = sampler.sample_into(sample_rng(3, 0, i, 0), data, mask)
+        info = sampler.sample_into(sample_rng(3, i, 0), data, mask)
         assert len(requested) == 1  # one read for the image, nothing else
         lo, hi = info.region
         if tuple(h - l for l, h in zip(lo, hi)) == patch:
@@ -116,7 +116,7 @@ def test_foreground_sampling_rate(nnssl_roots, with_anatomy):
         data, mask = np.empty((1, *patch), np.float32), np.empty((1, *patch), bool)
         hits, forced = 0, 0
         for i in range(300):
-            info = sampler.sample_into(sample_rng(1, 0, i, 0), data, mask)
+            info = sampler.sample_into(sample_rng(1, i, 0), data, mask)
             s = info.start
             contains = all(a < hi and lo < a + 16 for a, lo, hi in zip(s, (40, 8, 50), (46, 14, 56)))
             hits += contains
@@ -178,7 +178,7 @@ def test_mask_stays_aligned_with_image_after_augmentation(nnssl_roots):
         data, mask = np.empty((1, *patch), np.float32), np.empty((1, *patch), bool)
         agreement = []
         for i in range(12):
-            sampler.sample_into(sample_rng(5, 0, i, 0), data, mask)
+            sampler.sample_into(sample_rng(5, i, 0), data, mask)
             inside = data > 3.0
             if exact:
                 np.testing.assert_array_equal(inside, mask)

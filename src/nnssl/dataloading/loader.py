@@ -105,14 +105,15 @@ class Batch:
 
 
 def build_batch(sampler: PatchSampler, config: LoaderConfig, rank: int, step: int) -> Batch:
-    """Batch `step` of `rank` (a pure function of the configuration, the cases and the step).
+    """Batch `step` of `rank`: the global samples rank·B .. rank·B + B − 1 of that step (a pure
+    function of the configuration, the cases and the step, independent of the world size).
 
     Tensors are ordinary; torch moves them to shared memory when a worker sends them. Allocating
     them in shared memory up front measured no faster (160³, batch 8).
     """
     data = torch.empty((config.batch_size, config.num_channels, *config.patch_size), dtype=torch.float32)
     mask = torch.empty((config.batch_size, 1, *config.patch_size), dtype=torch.bool)
-    infos = sampler.fill_batch(config.seed, rank, step, data.numpy(), mask.numpy())
+    infos = sampler.fill_batch(config.seed, step, data.numpy(), mask.numpy(), first_index=rank * config.batch_size)
     return Batch(data, mask, [info.image_id for info in infos], step)
 
 

@@ -53,8 +53,12 @@ class SampleInfo:
     region: tuple[Triple, Triple]  # the box read from storage
 
 
-def sample_rng(seed: int, rank: int, step: int, index: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([seed, rank, step, index]))
+def sample_rng(seed: int, step: int, index: int) -> np.random.Generator:
+    """The generator of sample `index` of the *global* batch of `step`. Indexing by the global
+    position (not by rank) makes the global batch independent of the number of GPUs: rank r of
+    R with local batch b builds samples r·b .. r·b + b − 1, so a 2-GPU run sees exactly the
+    data of a 1-GPU run with the same global batch."""
+    return np.random.default_rng(np.random.SeedSequence([seed, step, index]))
 
 
 class PatchSampler:
@@ -105,8 +109,9 @@ class PatchSampler:
             mask_out[...] = mirror(geometry.mask(region), params.mirror) != 0
         return SampleInfo(case.record.image_id, start, on_foreground, (geometry.lo, geometry.hi))
 
-    def fill_batch(self, seed: int, rank: int, step: int, data: np.ndarray,
-                   mask: np.ndarray) -> list[SampleInfo]:
-        """Fill preallocated batch arrays (B, C, *patch) / (B, 1, *patch) for `step`."""
-        return [self.sample_into(sample_rng(seed, rank, step, i), data[i], mask[i])
+    def fill_batch(self, seed: int, step: int, data: np.ndarray, mask: np.ndarray,
+                   first_index: int = 0) -> list[SampleInfo]:
+        """Fill preallocated batch arrays (B, C, *patch) / (B, 1, *patch) with the global samples
+        first_index .. first_index + B − 1 of `step`."""
+        return [self.sample_into(sample_rng(seed, step, first_index + i), data[i], mask[i])
                 for i in range(data.shape[0])]

@@ -6,8 +6,9 @@ is done (I-JEPA updates its EMA teacher there), logs the method's monitor featur
 the method's encoder. Every method is an `nn.Module` whose `state_dict()` is everything needed
 to resume it.
 
-Masks are a pure function of (seed, step, rank, stream), never of a global RNG, so a resumed or
-distributed run draws exactly the masks an uninterrupted one would. Validation uses stream 1
+Masks are a pure function of (seed, step, global sample index, stream), never of a global RNG,
+so a resumed or distributed run draws exactly the masks an uninterrupted single-process one
+would. Validation uses stream 1
 with the validation index as the step, so its masks are fixed across the whole run.
 """
 
@@ -44,9 +45,11 @@ class PretrainingMethod(Protocol):
     embed_dim: int  # width of the monitor features (collapse thresholds scale with it)
 
     def training_output(self, volumes: torch.Tensor, anonymization_mask: torch.Tensor, step: int,
-                        rank: int = 0, stream: int = TRAIN_STREAM) -> MethodOutput:
-        """Loss (and monitor features) for a batch [B, C, X, Y, Z]; `anonymization_mask`
-        [B, 1, X, Y, Z] bool marks defaced voxels to exclude from any voxel loss."""
+                        rank: int = 0, world_size: int = 1, stream: int = TRAIN_STREAM) -> MethodOutput:
+        """Loss (and monitor features) for this rank's share [B, C, X, Y, Z] of the global batch
+        (samples rank·B .. rank·B + B − 1); `anonymization_mask` [B, 1, X, Y, Z] bool marks
+        defaced voxels to exclude from any voxel loss. Random masks are drawn per *global*
+        sample index, so R ranks see exactly the masks of one process with batch R·B."""
         ...
 
     def after_optimizer_step(self, step: int, momentum: float) -> None:

@@ -205,12 +205,18 @@ class IJEPA(nn.Module):
     # ---- the training loop's interface (methods/base.py) --------------------------------------
 
     def training_output(self, volumes: torch.Tensor, anonymization_mask: torch.Tensor, step: int,
-                        rank: int = 0, stream: int = TRAIN_STREAM) -> MethodOutput:
-        """Masks for (step, rank, stream) from the attached sampler, then `forward`. The
-        anonymization mask is not used: I-JEPA's loss is on teacher features, not voxels."""
+                        rank: int = 0, world_size: int = 1, stream: int = TRAIN_STREAM) -> MethodOutput:
+        """Masks of this rank's share of the global batch of (step, stream), then `forward`.
+
+        Every rank draws the masks of the whole global batch (a few ms) and keeps its rows, so
+        the block sizes, positions and the trimmed context length are those of a single-process
+        run with the same global batch. The anonymization mask is not used: I-JEPA's loss is on
+        teacher features, not voxels."""
         if self.mask_sampler is None:
             raise InvalidInput("IJEPA.training_output needs a mask_sampler (IJEPA(encoder, config, mask_sampler=...))")
-        masks = self.mask_sampler(volumes.shape[0], step, rank=rank, stream=stream).to(volumes.device)
+        local = volumes.shape[0]
+        masks = self.mask_sampler(local * world_size, step, stream=stream).for_rank(rank, world_size)
+        masks = masks.to(volumes.device)
         out = self(volumes, masks)
         return MethodOutput(out.loss, monitor_tokens=out.teacher_tokens, predictions=out.predictions.detach(),
                             scalars={"context_tokens": float(masks.context.shape[1]),

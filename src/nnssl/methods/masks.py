@@ -116,6 +116,19 @@ class MaskBatch:
                          self.targets.to(device, non_blocking=non_blocking),
                          self.target_shape, self.context_shape)
 
+    def rows(self, start: int, stop: int) -> "MaskBatch":
+        """Samples start .. stop − 1 (one rank's share of a global batch)."""
+        return MaskBatch(self.context[start:stop], self.targets[:, start:stop], self.target_shape,
+                         self.context_shape)
+
+    def for_rank(self, rank: int, world_size: int) -> "MaskBatch":
+        """Rank `rank`'s equal share of this global batch."""
+        per_rank, rest = divmod(self.context.shape[0], world_size)
+        if rest or not 0 <= rank < world_size:
+            raise ValueError(f"cannot split a batch of {self.context.shape[0]} into {world_size} equal shares "
+                             f"for rank {rank}")
+        return self.rows(rank * per_rank, (rank + 1) * per_rank)
+
 
 class UntrimmedMasks(NamedTuple):
     """A batch before contexts are cut to a common length (for inspection and tests)."""

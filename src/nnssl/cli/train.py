@@ -1,0 +1,90 @@
+"""`nnssl_train`: pretrain an encoder on a preprocessed dataset.
+
+    nnssl_train [DATASET] [CONFIG] -tr IJEPATrainer_BS8 -p nnsslPlans -num_gpus N [--c]
+
+Exit status: 0 finished (or already finished), 3 stopped early with a checkpoint (SIGTERM /
+SIGUSR1, e.g. cluster preemption; resume with --c), 2 usage or input error, 1 training diverged
+(the last good state is in checkpoint_latest.pth).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+from nnssl.cli.common import add_verbose, make_parser, run_cli
+
+EXIT_STOPPED = 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = make_parser("nnssl_train", "Pretrain an encoder (I-JEPA, MAE) on a preprocessed dataset.")
+    p.add_argument("dataset", nargs="?", default=None,
+                   help="dataset id or name (DatasetXXX_Name); optional when exactly one dataset is preprocessed")
+    p.add_argument("configuration", nargs="?", default="onemmiso", help="preprocessing configuration")
+    p.add_argument("-tr", dest="trainer", default="IJEPATrainer",
+                   help="trainer name: method plus suffixes, e.g. IJEPATrainer_BS8 (see --list_trainers)")
+    p.add_argument("-p", dest="plans", default="nnsslPlans", help="plans identifier")
+    p.add_argument("-num_gpus", type=int, default=1,
+                   help="processes (GPUs) on this node, DistributedDataParallel; under torchrun the launcher decides")
+    p.add_argument("--c", action="store_true", dest="continue_training",
+                   help="continue from checkpoint_latest.pth of this run (exact resume)")
+    p.add_argument("-pretrained_weights", type=Path, default=None,
+                   help="warm-start the encoder from an nnssl checkpoint (network_weights)")
+    p.add_argument("-device", choices=("cuda", "cpu", "mps"), default=None,
+                   help="device (default: cuda when available, else cpu)")
+    p.add_argument("-np", type=int, default=None, dest="num_workers",
+                   help="data loader worker processes per GPU (default: one per CPU core, at most 12)")
+    p.add_argument("--checkpoint_minutes", type=float, default=30.0,
+                   help="write checkpoint_latest.pth at least this often (also after every epoch)")
+    p.add_argument("--log_every", type=int, default=None,
+                   help="steps between logged metrics and collapse monitors (default: min(50, iterations/epoch))")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--stop_at_step", type=int, default=None,
+                   help="stop with a checkpoint before this optimizer step (time-boxed jobs; resume with --c)")
+    p.add_argument("--list_trainers", action="store_true", help="print the trainer-name grammar and examples, then exit")
+    add_verbose(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    def body(a: argparse.Namespace) -> int:
+        from nnssl.training.registry import example_trainer_names, grammar_help
+
+        if a.list_trainers:
+            print(grammar_help())
+            print("\nValid names include:\n  " + "\n  ".join(example_trainer_names()))
+            return 0
+        from nnssl.training.options import RunOptions
+        from nnssl.training.registry import resolve_trainer
+        from nnssl.training.run import train
+
+        from nnssl.training.loop import TrainingDiverged
+
+        resolve_trainer(a.trainer)  # an unknown name fails here, before any data is read
+        options = RunOptions(
+            dataset=a.dataset, configuration=a.configuration, trainer=a.trainer, plans=a.plans,
+            num_gpus=a.num_gpus, device=a.device, continue_training=a.continue_training,
+            pretrained_weights=a.pretrained_weights, num_workers=a.num_workers,
+            checkpoint_every_minutes=a.checkpoint_minutes, log_every=a.log_every, precision=a.precision,
+            stop_at_step=a.stop_at_step)
+        try:
+            outcome = train(options)
+        except TrainingDiverged as e:
+            print(f"nnssl_train: {e}")
+            return 1
+        if outcome is None:  # spawned ranks report through their log
+            return 0
+        if outcome.finished:
+            print(f"training finished at step {outcome.step}: {outcome.checkpoint}")
+            return 0
+        print(f"stopped at step {outcome.step} ({outcome.stopped_by}): {outcome.checkpoint}; resume with --c")
+        return EXIT_STOPPED
+
+    return run_cli(build_parser(), body, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

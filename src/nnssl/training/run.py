@@ -1,0 +1,114 @@
+"""`train(options)`: the library function behind `nnssl_train`.
+
+One process, `-num_gpus N` on one node (N spawned processes), or one rank of a `torchrun`
+launch. Rank 0 writes the output folder:
+
+    $nnssl_results/DatasetXXX_Name/<Trainer>__<plans>__<config>/
+        plans.json, adaptation_plan.json
+        fold_all/training_config.json, training_log_<timestamp>.txt, progress.png,
+                 checkpoint_latest.pth, checkpoint_final.pth
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from nnssl.io_utils import write_json
+from nnssl.log import add_log_file, get_logger, setup_logging
+from nnssl.training import distributed
+from nnssl.training.loop import TrainOutcome, Trainer
+from nnssl.training.options import RunOptions
+from nnssl.training.setup import RunContext, build_context
+from nnssl.training.state import TrainState, load_pretrained_weights, resume_state
+
+logger = get_logger(__name__)
+
+
+def train(options: RunOptions) -> TrainOutcome | None:
+    """Run (or resume) a training; returns rank 0's outcome (None on other ranks / spawned runs)."""
+    if distributed.launched_by_torchrun():
+        return _train_rank(options)
+    if options.num_gpus > 1:
+        # validate the trainer and the data once, in this process, before spawning N of them
+        from nnssl.training.registry import resolve_trainer
+        from nnssl.training.setup import check_batch_split, load_data
+
+        check_batch_split(resolve_trainer(options.trainer).config, options.num_gpus)
+        load_data(options, resolve_trainer(options.trainer).config.seed)
+        distributed.spawn_local(_spawned_rank, options.num_gpus, (options,))
+        return None
+    return _train_rank(options)
+
+
+def _spawned_rank(options: RunOptions) -> None:
+    setup_logging(False)
+    _train_rank(options)
+
+
+def _train_rank(options: RunOptions) -> TrainOutcome:
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    device = distributed.resolve_device(options.device, local_rank)
+    info = distributed.init_process_group(rank, local_rank, world_size, device)
+    state = None
+    try:
+        ctx = build_context(options, info)
+        state = _initial_state(ctx)
+        if state is None:  # already finished
+            return TrainOutcome(ctx.config.total_steps, True, None, str(ctx.output_folder / "checkpoint_final.pth"))
+        return Trainer(ctx, state).run()
+    finally:
+        if state is not None and state.log_file_handler is not None:
+            logging.getLogger("nnssl").removeHandler(state.log_file_handler)
+            state.log_file_handler.close()
+        if state is not None and state.log is not None:
+            state.log.close()
+        distributed.destroy_process_group()
+
+
+def _initial_state(ctx: RunContext) -> TrainState | None:
+    """Fresh, warm-started or resumed state; writes the run's JSON files on rank 0."""
+    from nnssl.export.adaptation_plan import adaptation_plan
+    from nnssl.training.logs import TrainingLog
+
+    out = ctx.output_folder
+    history: dict = {}
+    state = TrainState()
+    latest, final = out / "checkpoint_latest.pth", out / "checkpoint_final.pth"
+    if ctx.options.continue_training:
+        if final.is_file() and not (latest.is_file() and latest.stat().st_mtime > final.stat().st_mtime):
+            logger.info("%s exists: training already finished, nothing to continue", final)
+            return None
+        if latest.is_file():
+            state, history = resume_state(ctx, latest)
+            logger.info("resuming %s from step %d", latest, state.step)
+        else:
+            logger.warning("--c: no checkpoint in %s, starting from scratch", out)
+    elif ctx.options.pretrained_weights is not None:
+        load_pretrained_weights(ctx.method, Path(ctx.options.pretrained_weights))
+    if ctx.dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        state.log_file_handler = add_log_file(out / f"training_log_{time.strftime('%Y_%m_%d_%H_%M_%S')}.txt")
+        write_json(out / "training_config.json", {"trainer": ctx.config.to_dict(), "run": _options_dict(ctx.options),
+                                                  "world_size": ctx.dist.world_size, "device": ctx.dist.device})
+        write_json(ctx.run_folder / "plans.json", ctx.data.plans.to_dict())
+        write_json(ctx.run_folder / "adaptation_plan.json",
+                   adaptation_plan(ctx.method.backbone, ctx.data.plans, ctx.options.configuration, 1))
+        state.log = TrainingLog(out, history, run_name=f"{ctx.data.dataset}/{ctx.config.trainer_name}")
+        logger.info("%s on %s: %d train / %d val cases, %d steps (%d epochs x %d), global batch %d on %d "
+                    "process(es), device %s -> %s", ctx.config.trainer_name, ctx.data.dataset,
+                    len(ctx.data.train_cases), len(ctx.data.val_cases), ctx.config.total_steps,
+                    ctx.config.num_epochs, ctx.config.iterations_per_epoch, ctx.config.batch_size,
+                    ctx.dist.world_size, ctx.dist.device, out)
+    distributed.barrier()
+    return state
+
+
+def _options_dict(options: RunOptions) -> dict:
+    d = dict(vars(options))
+    d["pretrained_weights"] = None if options.pretrained_weights is None else str(options.pretrained_weights)
+    return d
