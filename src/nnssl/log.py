@@ -38,5 +38,9 @@ def add_log_file(path: Path) -> logging.Handler:
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter(_FORMAT))
-    logging.getLogger(_ROOT).addHandler(handler)
+    handler.setLevel(logging.INFO)
+    logger = logging.getLogger(_ROOT)
+    if logger.getEffectiveLevel() > logging.INFO:  # library use without setup_logging: the file still gets INFO
+        logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
     return handler

@@ -292,8 +292,10 @@ class Trainer:
         values.update(out.scalars)
         if out.monitor_tokens is not None:
             values.update(collapse_metrics(out.monitor_tokens.float(), out.predictions))
+            # a network at random init looks "collapsed" (volumes alike): judge after warm-up
+            report = logger.warning if step > cfg.warmup_steps else logger.debug
             for alarm in collapse_alarms(values, self.method.embed_dim):
-                logger.warning("step %d: %s", step, alarm)
+                report("step %d: %s", step, alarm)
             for warning in self.tracker.update(step, values["train_loss"], values):
                 logger.warning(warning)
         self.state.log.record(step, values)
