@@ -46,6 +46,8 @@ def checkpoint_payload(trainer: Any, slim: bool = False) -> dict[str, Any]:
         "training_config": ctx.config.to_dict(),
         "step": int(trainer.state.step),
         "epoch": int(trainer.state.step // ctx.config.iterations_per_epoch),
+        "data_summary": data_summary(ctx),
+        "final_metrics": final_metrics(trainer),
     }
     if slim:
         return payload
@@ -60,6 +62,26 @@ def checkpoint_payload(trainer: Any, slim: bool = False) -> dict[str, Any]:
         "world_size": int(ctx.dist.world_size),
     })
     return payload
+
+
+def data_summary(ctx: Any) -> dict[str, Any]:
+    """A few numbers about the pretraining data for the model card (never the case list)."""
+    data = ctx.data
+    subjects = {c.subject_key for c in data.train_cases} | {c.subject_key for c in data.val_cases}
+    plan = data.plans.configuration(ctx.options.configuration)
+    return {"dataset": data.dataset, "configuration": ctx.options.configuration,
+            "num_train_images": len(data.train_cases), "num_val_images": len(data.val_cases),
+            "num_subjects": len(subjects), "spacing": plan.spacing,
+            "modalities": sorted(data.plans.normalization_per_modality),
+            "normalization_per_modality": data.plans.normalization_per_modality}
+
+
+def final_metrics(trainer: Any) -> dict[str, float]:
+    """The last logged value of every curve (loss, lr, collapse monitors) for the model card."""
+    log = trainer.state.log
+    if log is None:
+        return {}
+    return {name: float(points[-1][1]) for name, points in log.history.items() if points}
 
 
 def save_training_checkpoint(trainer: Any, name: str) -> Path:
