@@ -19,34 +19,6 @@ from nnssl.training.options import RunOptions
 from nnssl.training.run import train
 
 TINY = "IJEPATrainer_Tiny_P32_BS2_2ep_3it"
-ENV_NAMES = ("nnssl_raw", "nnssl_preprocessed", "nnssl_results")
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    """One preprocessed phantom dataset (Dataset900_Phantoms) shared by the module's tests."""
-    from nnssl.demo import DemoConfig, run_demo
-
-    folder = tmp_path_factory.mktemp("training")
-    saved = {k: os.environ.get(k) for k in ENV_NAMES}
-    try:
-        run_demo(DemoConfig(folder=folder, num_volumes=8, shape=(40, 40, 40), num_processes=1))
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    return folder
-
-
-@pytest.fixture
-def roots(prepared, tmp_path, monkeypatch) -> Path:
-    """The shared raw/preprocessed data and a fresh results folder for this test."""
-    monkeypatch.setenv("nnssl_raw", str(prepared / "nnssl_raw"))
-    monkeypatch.setenv("nnssl_preprocessed", str(prepared / "nnssl_preprocessed"))
-    monkeypatch.setenv("nnssl_results", str(tmp_path / "results"))
-    return tmp_path / "results"
 
 
 def _fold(results: Path, trainer: str) -> Path:

@@ -1,0 +1,59 @@
+"""nnssl_export: the shared folder of a real (tiny) training run, and its handshake."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from downstream_nnunet import load_like_nnunet
+from nnssl.cli.export import main as export_main
+from nnssl.training.options import RunOptions
+from nnssl.training.run import train
+
+TRAINER = "IJEPATrainer_Tiny_P32_BS2_1ep_3it"
+
+
+@pytest.fixture
+def run_folder(roots):
+    train(RunOptions(trainer=TRAINER, device="cpu", num_workers=0, progress_bar=False))
+    return roots / "Dataset900_Phantoms" / f"{TRAINER}__nnsslPlans__onemmiso"
+
+
+def test_export_writes_a_complete_shareable_folder(run_folder, tmp_path, capsys):
+    out = tmp_path / "shared"
+    assert export_main([str(run_folder), "-o", str(out), "--safetensors"]) == 0
+    assert "checkpoint_final.pth" in capsys.readouterr().out
+    for name in ("checkpoint_final.pth", "adaptation_plan.json", "config.json", "README.md", "model.safetensors"):
+        assert (out / name).is_file(), name
+    slim = torch.load(out / "checkpoint_final.pth", weights_only=True)
+    full = torch.load(run_folder / "fold_all" / "checkpoint_final.pth", weights_only=True)
+    assert "optimizer_state" not in slim and "method_state" not in slim and "rng" not in slim
+    assert slim["trainer_name"] == TRAINER and slim["citations"]
+    assert all(torch.equal(v, full["network_weights"][k]) for k, v in slim["network_weights"].items())
+    assert json.loads((out / "adaptation_plan.json").read_text()) == json.loads(json.dumps(full["nnssl_adaptation_plan"]))
+    config = json.loads((out / "config.json").read_text())
+    assert config["training_config"]["trainer_name"] == TRAINER and config["step"] == 3
+    assert config["data_summary"]["dataset"] == "Dataset900_Phantoms"
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlicense:") and "pipeline_tag: image-feature-extraction" in card and "- medical" in card
+    for section in ("## Model", "## Pretraining data", "## Method and hyperparameters", "## Training curve",
+                    "## Fine-tune with nnU-Net", "## Citations", "nnUNetv2_train_pretrained", "token_rankme"):
+        assert section in card, section
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(out / "model.safetensors"))
+    assert tensors.keys() == slim["network_weights"].keys()
+    network, _ = load_like_nnunet(str(out / "checkpoint_final.pth"), 1, 2, (32, 32, 32))
+    assert network(torch.randn(1, 1, 32, 32, 32)).shape == (1, 2, 32, 32, 32)
+
+
+def test_export_can_keep_the_whole_method_and_refuses_folders_without_checkpoints(run_folder, tmp_path, capsys):
+    out = tmp_path / "full"
+    assert export_main([str(run_folder / "fold_all" / "checkpoint_final.pth"), "-o", str(out),
+                        "--include_method_state"]) == 0
+    kept = torch.load(out / "checkpoint_final.pth", weights_only=True)
+    assert any(k.startswith("predictor.") for k in kept["method_state"])
+    assert export_main([str(tmp_path), "-o", str(tmp_path / "x")]) == 2
+    assert "no checkpoint_final.pth or checkpoint_latest.pth" in capsys.readouterr().err
