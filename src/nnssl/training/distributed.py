@@ -86,11 +86,27 @@ def _spawned_entry(local_rank: int, world_size: int, port: int, fn: Callable[...
 
 def spawn_local(fn: Callable[..., Any], num_processes: int, args: tuple) -> None:
     """Run `fn(*args)` in `num_processes` fresh processes on this node (ranks 0..N-1), as
-    torchrun would; an exception in any rank is re-raised here."""
+    torchrun would; an exception in any rank is re-raised here. SIGTERM / SIGUSR1 sent to this
+    parent (a scheduler preempting the job) are forwarded to every rank, which then checkpoint."""
+    import signal
+
     import torch.multiprocessing as mp
 
-    mp.start_processes(_spawned_entry, args=(num_processes, free_port(), fn, args), nprocs=num_processes,
-                       join=True, start_method="spawn")
+    context = mp.start_processes(_spawned_entry, args=(num_processes, free_port(), fn, args), nprocs=num_processes,
+                                 join=False, start_method="spawn")
+
+    def forward(signum: int, frame: Any) -> None:
+        for process in context.processes:
+            if process.is_alive():
+                os.kill(process.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        while not context.join():
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def all_reduce_max_flags(flags: list[float], device: str) -> list[float]:
