@@ -96,6 +96,27 @@ def test_primus_checkpoint_loads_like_nnunet_and_equals_the_teacher(trainer, pat
     assert y.shape == (1, 4, downstream, downstream, downstream) and torch.isfinite(y).all()
 
 
+def test_resenc_l_checkpoint_loads_like_nnunet_and_equals_the_teacher(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "checkpoint_final.pth"
+    method = _checkpoint("IJEPATrainer_ResEncL", 64, path, steps=0)
+    ckpt = torch.load(path, weights_only=True)
+    plan = ckpt["nnssl_adaptation_plan"]
+    assert plan["architecture_plans"]["arch_class_name"] == "ResEncL" and plan["key_to_lpe"] is None
+    assert plan["keys_to_in_proj"] == ["encoder.stem.convs.0.conv", "encoder.stem.convs.0.all_modules.0"]
+    assert all(k.startswith(("encoder.stem.", "encoder.stages.")) for k in ckpt["network_weights"])
+    network, _ = load_like_nnunet(str(path), 1, 2, (64, 64, 64))
+    network.eval()
+    x = torch.randn(1, 1, 64, 64, 64)
+    with torch.no_grad():
+        bottleneck = network.encoder(x)[-1]  # [1, 320, 2, 2, 2]
+        assert torch.allclose(bottleneck.flatten(2).transpose(1, 2), method.teacher(x), atol=1e-5, rtol=1e-5)
+    network, _ = load_like_nnunet(str(path), 2, 3, (96, 96, 96))  # more channels, another patch size
+    with torch.no_grad():
+        y = network(torch.randn(1, 2, 96, 96, 96))
+    assert y.shape == (1, 3, 96, 96, 96) and torch.isfinite(y).all()
+
+
 def test_no_key_outside_the_downstream_prefixes(tmp_path):
     path = tmp_path / "c.pth"
     _checkpoint("IJEPATrainer_Tiny", 32, path)
