@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -36,9 +37,25 @@ from nnssl.methods.base import TRAIN_STREAM, MethodOutput
 from nnssl.methods.masks import MaskBatch, MultiBlockMaskSampler
 from nnssl.models.backbone import BackboneSpec
 from nnssl.models.predictor import JEPAPredictor
-from nnssl.models.primus import PrimusTokenEncoder
 
 LOSSES = ("smooth_l1", "l1", "l2")
+
+
+@runtime_checkable
+class TokenEncoder(Protocol):
+    """What I-JEPA needs from an encoder (implemented by `PrimusTokenEncoder` and the sparse
+    `ResEncTokenEncoder`): tokens on a 3D grid in C-order, computed for the kept indices only
+    (`keep` [B, K]) or for all of them (`keep=None`, the teacher's dense path)."""
+
+    grid: tuple[int, int, int]
+    embed_dim: int
+    num_heads: int
+
+    def __call__(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def encoder_named_parameters(self) -> list[tuple[str, nn.Parameter]]: ...
+
+    def encoder_state_dict(self) -> dict[str, torch.Tensor]: ...
 
 
 class InvalidIJEPAConfig(NnsslError, ValueError):
@@ -123,7 +140,7 @@ class IJEPA(nn.Module):
     """Student (the given encoder), teacher (a deep copy, frozen, always in eval mode) and
     predictor. `state_dict()` holds all three, so a checkpoint resumes exactly."""
 
-    def __init__(self, encoder: PrimusTokenEncoder, config: IJEPAConfig = IJEPAConfig(),
+    def __init__(self, encoder: TokenEncoder, config: IJEPAConfig = IJEPAConfig(),
                  mask_sampler: MultiBlockMaskSampler | None = None, backbone: BackboneSpec | None = None) -> None:
         super().__init__()
         self.config = config
