@@ -203,3 +203,21 @@ def test_cli_short_form_picks_the_only_dataset_and_errors_list_several(roots, pr
     assert train_main(["-tr", TINY, "-device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "Dataset900_Phantoms" in err and "Dataset901_Other" in err
+
+
+@pytest.mark.parametrize("trainer", ["MAETrainer_Tiny_P32_BS2_1ep_2it", "IJEPATrainer_ResEncTiny_BS2_1ep_2it",
+                                     "MAETrainer_ResEncTiny_BS2_1ep_2it"])
+def test_every_method_and_backbone_trains_resumes_and_exports(roots, trainer, tmp_path):
+    from downstream_nnunet import load_like_nnunet
+    from nnssl.export.share import export
+
+    stopped = train(_options(trainer=trainer, stop_at_step=1))
+    assert stopped.step == 1 and not stopped.finished
+    done = train(_options(trainer=trainer, continue_training=True))
+    assert done.finished and done.step == 2
+    shared = export(_fold(roots, trainer).parent, tmp_path / "shared")
+    ckpt = torch.load(shared.folder / "checkpoint_final.pth", weights_only=True)
+    patch = ckpt["nnssl_adaptation_plan"]["recommended_downstream_patchsize"]
+    network, _ = load_like_nnunet(str(shared.folder / "checkpoint_final.pth"), 1, 2, tuple(patch))
+    with torch.no_grad():
+        assert network(torch.randn(1, 1, *patch)).shape == (1, 2, *patch)

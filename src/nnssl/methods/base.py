@@ -30,8 +30,9 @@ class MethodOutput:
     """What one forward of a method returns to the loop."""
 
     loss: torch.Tensor  # scalar, fp32, differentiable
-    # [B, N, E] features for the collapse monitors (I-JEPA: LN₀ teacher tokens; MAE: encoder
-    # tokens of the unmasked volume), detached; None if the method has none this step
+    # [B, N, E] features for the collapse monitors (I-JEPA: LN₀ teacher tokens of the whole
+    # volume; MAE: the encoder tokens it computed, i.e. Primus's visible tokens or ResEnc's
+    # bottleneck of the masked input), detached; None if the method has none this step
     monitor_tokens: torch.Tensor | None = None
     predictions: torch.Tensor | None = None  # [.., E] predictions, detached (pred_std)
     scalars: dict[str, float] = field(default_factory=dict)  # extra cheap numbers to log

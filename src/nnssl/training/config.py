@@ -101,6 +101,14 @@ class TrainingConfig:
         if backbone in RESENC_BACKBONES:
             # a 5³ (160³ input) or 2³ (64³) cell grid: boxes of a few cells, small context floor
             config = replace(config, min_keep=min(config.min_keep, 4))
+        if method == "MAETrainer":
+            # the reference nnssl MAE recipe where our schedule can express it: AdamW betas
+            # (0.9, 0.98), constant weight decay 0.05, drop path 0.2 for Primus (ResEnc has none),
+            # gradient clipping 1 (Primus) / 12 (ResEnc); warm-up + cosine instead of its poly lr
+            primus = backbone in PRIMUS_BACKBONES
+            config = replace(config, betas=(0.9, 0.98), start_weight_decay=0.05, final_weight_decay=0.05,
+                             drop_path_rate=0.2 if primus and backbone != "Tiny" else 0.0,
+                             grad_clip=1.0 if primus else 12.0)
         return config
 
     @property

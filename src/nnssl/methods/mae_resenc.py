@@ -1,0 +1,153 @@
+"""MAE on ResEnc-L: zero 75% of the 16³ input blocks, reconstruct the volume with the U-Net.
+
+The recipe of nnssl's `BaseMAETrainer` (Wald et al., "Revisiting MAE pre-training for 3D
+medical image segmentation", CVPR 2025; the OpenMind benchmark's CNN baseline), in the Spark3D
+tradition of masked image modelling with CNNs: a convolution cannot skip tokens, so masked
+blocks are set to zero in the input and the *whole* `ResidualEncoderUNet` (num_classes = input
+channels, no deep supervision) reconstructs every voxel; the MSE counts the masked voxels only,
+excluding defaced ones.
+
+Only `encoder.stem.*` and `encoder.stages.*` are exported (the network's own `key_to_stem` /
+`key_to_encoder`), which is what nnU-Net's fine-tuning transfers; the U-Net decoder is
+pretraining-only. `decoder.encoder.*` (the decoder keeps a reference to the encoder) and
+`decoder.*` start with neither prefix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
+from torch import nn
+
+from nnssl.errors import InvalidInput
+from nnssl.methods.base import TRAIN_STREAM, MethodOutput
+from nnssl.methods.mae import (RandomMasks, RandomMaskSampler, check_anonymization_mask, cpu_state_dict,
+                               mae_parameter_groups, masked_mse)
+from nnssl.models.backbone import BackboneSpec
+from nnssl.models.resenc import RESENC_L_STRIDE, resenc_backbone_spec, resenc_l_arch_kwargs
+from nnssl.training.config import TrainingConfig
+
+
+@dataclass
+class ResEncMAEOutput:
+    loss: torch.Tensor            # scalar, fp32
+    reconstruction: torch.Tensor  # [B, C, X, Y, Z]
+    voxel_mask: torch.Tensor      # bool [B, 1, X, Y, Z], True = masked (zeroed in the input)
+    bottleneck: torch.Tensor      # [B, N, F]: deepest encoder features of the masked input, C-order
+
+
+class ResEncMAE(nn.Module):
+    """A `ResidualEncoderUNet` trained to fill in zeroed 16³ blocks (`network.*` in the state
+    dict, everything needed to resume)."""
+
+    def __init__(self, network: ResidualEncoderUNet, mask_sampler: RandomMaskSampler | None = None,
+                 block_size: int = 16, backbone: BackboneSpec | None = None) -> None:
+        super().__init__()
+        in_channels = int(network.encoder.stem.convs[0].conv.in_channels)
+        out_channels = int(network.decoder.seg_layers[-1].out_channels)
+        if network.decoder.deep_supervision or out_channels != in_channels:
+            raise InvalidInput(f"the MAE U-Net must reconstruct its {in_channels} input channel(s) at full "
+                               f"resolution: build it with num_classes={in_channels} and deep_supervision=False "
+                               f"(got {out_channels} output channel(s), deep_supervision="
+                               f"{network.decoder.deep_supervision})")
+        if block_size < 1:
+            raise InvalidInput(f"mask block size must be >= 1, got {block_size}")
+        self.network = network
+        self.mask_sampler = mask_sampler if mask_sampler is not None else RandomMaskSampler()
+        self.block_size = int(block_size)
+        self.backbone = backbone
+        self.embed_dim = int(network.encoder.output_channels[-1])
+        # without deep supervision the decoder only applies its last segmentation layer; the others
+        # would never get a gradient (DDP's unused-parameter error, dead optimizer state)
+        for layer in network.decoder.seg_layers[:-1]:
+            layer.requires_grad_(False)
+
+    def block_grid(self, spatial: tuple[int, ...]) -> tuple[int, int, int]:
+        """Blocks per axis for a volume of `spatial` voxels."""
+        b = self.block_size
+        if len(spatial) != 3 or any(s < RESENC_L_STRIDE or s % RESENC_L_STRIDE or s % b for s in spatial):
+            raise InvalidInput(f"ResEnc MAE needs volumes whose sides are multiples of the network's total stride "
+                               f"{RESENC_L_STRIDE} and of the mask block size {b}, got {tuple(spatial)}; crop the "
+                               "input or change the patch size")
+        return tuple(s // b for s in spatial)  # type: ignore[return-value]
+
+    def sample_masks(self, volumes_shape: tuple[int, ...], step: int, first_index: int = 0,
+                     stream: int = TRAIN_STREAM) -> RandomMasks:
+        grid = self.block_grid(tuple(volumes_shape[2:]))
+        return self.mask_sampler(int(volumes_shape[0]), math.prod(grid), step, first_index=first_index, stream=stream)
+
+    def voxel_mask(self, masks: RandomMasks, spatial: tuple[int, ...]) -> torch.Tensor:
+        """Block masks -> bool [B, 1, X, Y, Z] (True = masked): every block a constant 16³ cube,
+        blocks in C-order over the block grid."""
+        (gx, gy, gz), b = self.block_grid(tuple(spatial)), self.block_size
+        if masks.num_cells != gx * gy * gz:
+            raise InvalidInput(f"masks have {masks.num_cells} blocks, volumes of {tuple(spatial)} voxels have "
+                               f"{gx * gy * gz}; sample them with `sample_masks(volumes.shape, step)`")
+        cells = masks.masked_cells().reshape(-1, 1, gx, 1, gy, 1, gz, 1)
+        return cells.expand(-1, -1, -1, b, -1, b, -1, b).reshape(-1, 1, gx * b, gy * b, gz * b)
+
+    def forward(self, volumes: torch.Tensor, anonymization_mask: torch.Tensor | None,
+                masks: RandomMasks) -> ResEncMAEOutput:
+        if masks.keep.shape[0] != volumes.shape[0]:
+            raise InvalidInput(f"masks are for a batch of {masks.keep.shape[0]}, the volumes are a batch of "
+                               f"{volumes.shape[0]}; sample them with `sample_masks(volumes.shape, step)`")
+        voxel_mask = self.voxel_mask(masks, tuple(volumes.shape[2:]))
+        skips = self.network.encoder(volumes.masked_fill(voxel_mask, 0.0))
+        reconstruction = self.network.decoder(skips)
+        loss = self.reconstruction_loss(reconstruction, volumes, anonymization_mask, voxel_mask)
+        bottleneck = skips[-1].flatten(2).transpose(1, 2)                          # [B, N, F], C-order
+        return ResEncMAEOutput(loss, reconstruction, voxel_mask, bottleneck)
+
+    @staticmethod
+    def reconstruction_loss(reconstruction: torch.Tensor, volumes: torch.Tensor,
+                            anonymization_mask: torch.Tensor | None, voxel_mask: torch.Tensor) -> torch.Tensor:
+        """MSE over the masked voxels that are not defaced."""
+        anonymized = check_anonymization_mask(anonymization_mask, volumes)
+        include = voxel_mask if anonymized is None else voxel_mask & ~anonymized
+        return masked_mse(reconstruction, volumes, include)
+
+    # ---- the training loop's interface (methods/base.py) --------------------------------------
+
+    def training_output(self, volumes: torch.Tensor, anonymization_mask: torch.Tensor | None, step: int,
+                        rank: int = 0, world_size: int = 1, stream: int = TRAIN_STREAM) -> MethodOutput:
+        """Block masks of this rank's global samples at (step, stream), then `forward`. Monitor
+        tokens: the bottleneck features [B, N, F] of the masked input (N = input / 32 voxels)."""
+        masks = self.sample_masks(tuple(volumes.shape), step, first_index=rank * volumes.shape[0],
+                                  stream=stream).to(volumes.device)
+        out = self(volumes, anonymization_mask, masks)
+        return MethodOutput(out.loss, monitor_tokens=out.bottleneck.detach(),
+                            scalars={"masked_fraction": masks.masked_fraction,
+                                     "masked_blocks": float(masks.masked.shape[1])})
+
+    def after_optimizer_step(self, step: int, momentum: float) -> None:
+        """Nothing to do: MAE has no EMA teacher."""
+
+    def _decoder_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        encoder = {id(p) for p in self.network.encoder.parameters()}
+        return [(n, p) for n, p in self.network.decoder.named_parameters() if id(p) not in encoder]
+
+    def parameter_groups(self, weight_decay: float) -> list[dict]:
+        """`encoder_*` (stem and stages) and `decoder_*` (the U-Net decoder, without the encoder it
+        references and without the frozen deep-supervision heads) groups, each split into decayed
+        conv weights and exempt biases / norm parameters."""
+        return mae_parameter_groups((("encoder", list(self.network.encoder.named_parameters())),
+                                     ("decoder", self._decoder_named_parameters())), weight_decay)
+
+    def export_encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """`encoder.stem.*` and `encoder.stages.*`, detached contiguous CPU copies."""
+        return cpu_state_dict(self.network.state_dict(), (self.network.key_to_stem, self.network.key_to_encoder))
+
+
+def build_resenc_mae(config: TrainingConfig, input_channels: int = 1) -> ResEncMAE:
+    """The ResEnc MAE of a training configuration (preset "L" or "Tiny", patch size, block size,
+    ratio), initialised as nnU-Net initialises its networks (He init, zeroed last norm of each
+    residual block); validate with `mae.mae_config_problems` first (`build_mae` does)."""
+    kwargs = resenc_l_arch_kwargs(input_channels, num_classes=input_channels, deep_supervision=False,
+                                  preset=config.primus_preset)
+    network = ResidualEncoderUNet(**kwargs)
+    network.apply(network.initialize)
+    return ResEncMAE(network, RandomMaskSampler(config.mae_mask_ratio, config.seed), config.mae_block_size,
+                     resenc_backbone_spec(network, kwargs, config.patch_size))
