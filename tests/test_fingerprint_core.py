@@ -42,3 +42,29 @@ def test_bad_files_are_recorded_and_the_rest_goes_on(nnssl_roots, monkeypatch):
     assert "header cannot be read" in reasons[images[0].image_id]
     assert "2D image" in reasons[images[1].image_id]
     assert "NOT_SET_ANYWHERE" in reasons[images[2].image_id]
+
+
+def test_foreground_sampling_draws_only_nonzero_voxels():
+    from nnssl.planning.fingerprint import sample_foreground
+
+    rng = np.random.default_rng(0)
+    large = np.zeros((120, 120, 120), np.float32)
+    large[:, :, 30:] = rng.normal(100, 5, (120, 120, 90))  # 75% foreground: the fast path
+    values = sample_foreground(large, 10_000, rng)
+    assert values.size == 10_000 and (values != 0).all() and abs(values.mean() - 100) < 0.5
+    sparse = np.zeros((120, 120, 120), np.float32)
+    sparse[:3, :3, :3] = 7  # 27 nonzero voxels: falls back to the exact enumeration
+    assert np.array_equal(np.sort(sample_foreground(sparse, 10_000, rng)), np.full(27, 7, np.float32))
+    small = rng.normal(size=(10, 10, 10)).astype(np.float32)  # fewer voxels than asked: each once
+    assert np.array_equal(np.sort(sample_foreground(small, 10_000, rng)), np.sort(small.ravel()))
+
+
+def test_parallel_fingerprint_equals_the_serial_one(nnssl_roots):
+    """Workers finish in any order; the fingerprint (image order, statistics) must not depend on it."""
+    _, collection = _collection(nnssl_roots, n=10)
+    config = FingerprintConfig(images_per_modality=4, voxels_per_image=300)
+    serial = extract_fingerprint(collection, config).to_dict()
+    parallel = extract_fingerprint(collection, FingerprintConfig(images_per_modality=4, voxels_per_image=300,
+                                                                 num_processes=2)).to_dict()
+    assert list(parallel["images"]) == list(serial["images"])
+    assert parallel == serial

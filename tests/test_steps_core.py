@@ -79,3 +79,36 @@ def test_masks_stay_uint8_with_existing_labels_and_thin_structures_survive():
     assert (out[0, 8] == 3).all()
     with pytest.raises(TypeError, match="uint8"):
         steps.resample_mask(mask.astype(np.float32), (1, 1, 1), (1, 1, 1))
+
+
+@pytest.mark.parametrize("shape_in,shape_out", [((7, 30, 26), (20, 27, 29)), ((31, 12, 40), (15, 36, 13)),
+                                                ((1, 9, 9), (4, 9, 3))])
+def test_separable_linear_equals_torch_trilinear(shape_in, shape_out):
+    """The default is numpy's separable form of the trilinear scheme torch computes in one go."""
+    data = np.random.default_rng(1).normal(size=(1, *shape_in)).astype(np.float32)
+    ours = steps.resample_image(data, (1, 1, 1), (1, 1, 1), new_shape=shape_out, method="linear")
+    torch_ = steps.resample_image(data, (1, 1, 1), (1, 1, 1), new_shape=shape_out, method="torch_linear")
+    assert ours.shape == (1, *shape_out) and ours.dtype == np.float32 and ours.flags.c_contiguous
+    assert np.allclose(ours, torch_, atol=1e-5)
+
+
+def test_nearest_mask_resampling_equals_scipy_zoom():
+    from scipy import ndimage
+
+    mask = np.random.default_rng(2).integers(0, 4, (1, 13, 22, 7)).astype(np.uint8)
+    for shape in [(26, 11, 21), (5, 22, 30), (13, 7, 7)]:
+        ours = steps.resample_mask(mask, (1, 1, 1), (1, 1, 1), new_shape=shape)
+        factors = [n / o for n, o in zip(shape, mask.shape[1:])]
+        reference = ndimage.zoom(mask[0], factors, order=0, grid_mode=True, mode="nearest", prefilter=False)
+        assert np.array_equal(ours[0], reference)
+
+
+def test_normalisation_of_a_transposed_view_is_contiguous_and_leaves_the_input_alone():
+    image = np.random.default_rng(3).normal(50, 10, (1, 6, 7, 8)).astype(np.float32)
+    before = image.copy()
+    view, _ = steps.transpose_case(image, (1.0, 2.0, 3.0), (2, 0, 1))
+    out, info = steps.zscore_normalize(view)
+    assert out.flags.c_contiguous and out.shape == (1, 8, 6, 7) and np.array_equal(image, before)
+    expected = (view.astype(np.float64) - view.mean(dtype=np.float64)) / view.astype(np.float64).std()
+    assert np.allclose(out, expected, atol=1e-5)
+    assert abs(info["std"] / view.astype(np.float64).std() - 1) < 1e-6

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import blosc2
 import numpy as np
 import pytest
 
@@ -40,6 +41,10 @@ def test_masks_are_uint8_and_never_wrap(tmp_path):
     files = storage.CaseFiles.for_stem(tmp_path / "case")
     storage.save_array(files.anatomy_mask, np.ones((1, 4, 4, 4), np.float32))
     assert storage.open_array(files.anatomy_mask).dtype == np.uint8
+    # no byte shuffle for one-byte masks (6x faster patch reads); images keep it
+    assert blosc2.Filter.SHUFFLE not in storage.open_array(files.anatomy_mask).cparams.filters
+    storage.save_array(files.image, np.ones((1, 4, 4, 4), np.float32))
+    assert blosc2.Filter.SHUFFLE in storage.open_array(files.image).cparams.filters
     with pytest.raises(NnsslError, match="would wrap around"):  # reference turned -1 into 255
         storage.save_array(files.anonymization_mask, -np.ones((1, 4, 4, 4), np.float32))
     with pytest.raises(NnsslError, match="integers"):
@@ -67,3 +72,26 @@ def test_properties_plain_json_and_completeness(tmp_path):
     assert not storage.case_is_complete(files, "h1")
     with pytest.raises(TypeError, match="only plain JSON types"):
         storage.save_properties(files.properties, {"x": object()})
+
+
+def test_blocks_are_sized_in_voxels_and_chunks_in_bytes():
+    """Patch reads waste the blocks cut by the patch faces, which depends on voxels, so a uint8 mask
+    gets the image's blocks (byte-sized blocks made mask reads 1.4x slower); chunks carry a cost
+    per write call, so they are sized in bytes (80³ mask chunks wrote 2.4x slower than 120³)."""
+    for shape in [(1, 221, 220, 220), (1, 180, 216, 220)]:
+        image_chunks, image_blocks = storage.blosc2_chunks_and_blocks(shape, 4)
+        mask_chunks, mask_blocks = storage.blosc2_chunks_and_blocks(shape, 1)
+        assert mask_blocks == image_blocks
+        assert np.prod(mask_chunks) > 2 * np.prod(image_chunks)
+        assert np.prod(mask_chunks) <= storage.CHUNK_BYTES and np.prod(image_chunks) * 4 <= storage.CHUNK_BYTES
+    assert np.prod(storage.blosc2_chunks_and_blocks((1, 300, 300, 300), 8)[1]) * 8 <= storage.BLOCK_BYTES
+    # a chunk spanning an axis keeps all of it rather than dropping to whole blocks
+    assert storage.blosc2_chunks_and_blocks((1, 90, 70, 50), 4)[0] == (1, 90, 70, 50)
+
+
+def test_explicit_layout_is_used(tmp_path):
+    data = np.arange(2 * 24 * 24 * 24, dtype=np.float32).reshape(2, 24, 24, 24)
+    storage.save_array(tmp_path / "x.b2nd", data, layout=((1, 16, 16, 16), (1, 8, 8, 8)))
+    arr = storage.open_array(tmp_path / "x.b2nd")
+    assert tuple(arr.chunks) == (1, 16, 16, 16) and tuple(arr.blocks) == (1, 8, 8, 8)
+    assert np.array_equal(arr[:], data)

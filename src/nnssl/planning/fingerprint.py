@@ -8,7 +8,6 @@ modality, and every failing image is recorded (id, path, reason) and excluded, n
 
 from __future__ import annotations
 
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,8 +17,12 @@ from nnssl.data.collection import Collection
 from nnssl.data.imageio import read_header, read_image, require_3d, shape_3d, spacing_3d
 from nnssl.errors import NnsslError
 from nnssl.log import get_logger
+from nnssl.preprocessing.pool import imap
 
 logger = get_logger(__name__)
+
+
+HEADERS_PER_TASK = 64  # a header takes milliseconds: batches keep messaging overhead small
 
 
 @dataclass(frozen=True)
@@ -64,31 +67,58 @@ def _header_job(args: tuple[str, str, str | None]) -> tuple[str, dict[str, Any] 
         return image_id, None, f"{path}: unexpected error: {type(e).__name__}: {e}"
 
 
+def sample_foreground(data: np.ndarray, voxels: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to `voxels` values drawn uniformly from the nonzero voxels (all voxels if none is nonzero).
+
+    Draws random positions and keeps the nonzero ones, which touches a few thousand voxels instead
+    of building a mask and a copy of every foreground voxel (25 ms per 7M-voxel image). Small
+    images (where drawing with replacement would repeat voxels) and mostly-zero ones are
+    enumerated exactly instead.
+    """
+    flat = data.reshape(-1)
+    if flat.size >= 100 * voxels:
+        drawn = flat[rng.integers(0, flat.size, size=4 * voxels)]
+        drawn = drawn[drawn != 0]
+        if drawn.size >= voxels:
+            return drawn[:voxels]
+    values = flat[flat != 0]
+    if values.size == 0:
+        values = flat
+    if values.size > voxels:
+        values = values[rng.choice(values.size, voxels, replace=False)]
+    return values
+
+
 def _sample_job(args: tuple[str, str, int, int]) -> tuple[str, np.ndarray | None, str | None]:
     image_id, path, voxels, seed = args
     try:
         data, _ = read_image(path)
-        values = data[data != 0]
-        if values.size == 0:
-            values = data.ravel()
-        rng = np.random.default_rng(seed)
-        if values.size > voxels:
-            values = values[rng.choice(values.size, voxels, replace=False)]
-        return image_id, values.astype(np.float64), None
+        return image_id, sample_foreground(data, voxels, np.random.default_rng(seed)).astype(np.float64), None
     except NnsslError as e:
         return image_id, None, str(e)
     except Exception as e:
         return image_id, None, f"{path}: unexpected error: {type(e).__name__}: {e}"
 
 
-def _map(fn, jobs: list, num_processes: int, desc: str) -> list:
+def _run_batch(args: tuple[int, Any, list]) -> tuple[int, list]:
+    index, fn, jobs = args
+    return index, [fn(job) for job in jobs]
+
+
+def _map(fn, jobs: list, num_processes: int, desc: str, batch: int = 1) -> list:
+    """`fn` over `jobs` in forkserver workers (see `preprocessing.pool`), `batch` jobs per task so
+    that a millisecond header read is not dwarfed by inter-process messaging. Results come back
+    in job order, so the fingerprint does not depend on which worker finished first."""
     from tqdm import tqdm
 
-    if num_processes > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=num_processes) as pool:
-            results = pool.map(fn, jobs, chunksize=max(1, len(jobs) // (8 * num_processes)))
-            return list(tqdm(results, total=len(jobs), desc=desc, unit="img", leave=False))
-    return [fn(j) for j in tqdm(jobs, desc=desc, unit="img", leave=False)]
+    batch = max(1, min(batch, len(jobs) // (4 * max(1, num_processes))))
+    batches = [(i, fn, jobs[start:start + batch]) for i, start in enumerate(range(0, len(jobs), batch))]
+    done: list[list] = [[] for _ in batches]
+    with tqdm(total=len(jobs), desc=desc, unit="img", leave=False) as bar:
+        for index, results in imap(_run_batch, batches, num_processes if len(jobs) > 1 else 1):
+            done[index] = results
+            bar.update(len(results))
+    return [result for results in done for result in results]
 
 
 def extract_fingerprint(collection: Collection, config: FingerprintConfig = FingerprintConfig()) -> Fingerprint:
@@ -100,7 +130,8 @@ def extract_fingerprint(collection: Collection, config: FingerprintConfig = Fing
         except NnsslError as e:  # unset $VAR: this image fails, the others go on
             fp.failures.append({"image_id": img.image_id, "path": img.entry.image_path, "reason": str(e)})
     path_of = {image_id: path for image_id, path, _ in jobs}
-    for image_id, geometry, error in _map(_header_job, jobs, config.num_processes, "fingerprint: headers"):
+    for image_id, geometry, error in _map(_header_job, jobs, config.num_processes, "fingerprint: headers",
+                                       batch=HEADERS_PER_TASK):
         if error:
             fp.failures.append({"image_id": image_id, "path": path_of[image_id], "reason": error})
         else:
