@@ -1,8 +1,13 @@
 """The end-to-end demo behind `bash run.sh demo` / `nnssl_demo`.
 
-It runs the pipeline as far as it exists on generated phantoms, in a folder it names, so a
-newcomer sees every stage produce its files without any data of their own. Each stage calls
-the same library function the corresponding command uses.
+On a machine with no data and no GPU: generate a phantom collection in a folder it names, build
+and check `pretrain_data.json`, fingerprint, plan and preprocess, pretrain a small I-JEPA on the
+CPU within a time budget (live progress in the log), export the checkpoint, evaluate it against
+random initialisation on a separate labeled phantom set, and print a summary. Each stage calls
+the same library function the corresponding command uses, so the demo is the pipeline.
+
+With `dataset=<id>` it skips the phantoms and uses the user's own preprocessed-or-raw dataset
+(evaluation then needs a labeled folder).
 """
 
 from __future__ import annotations
@@ -11,9 +16,10 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from nnssl import paths
+from nnssl.errors import InvalidInput, NnsslError
 from nnssl.log import get_logger
 
 logger = get_logger(__name__)
@@ -29,12 +35,31 @@ class DemoConfig:
     seed: int = 0
     num_processes: int = 2
     overwrite: bool = True
+    train_minutes: float = 4.0  # training wall-time budget (the step count is calibrated to it)
+    patch_size: int = 32
+    batch_size: int = 4
+    eval_volumes: int = 48  # labeled phantoms for the probe (a separate set, seed + 1)
+    dataset: str | None = None  # the user's own dataset id/name instead of phantoms
+    labeled: Path | None = None  # labeled folder (cases.json) for the evaluation
+    stages: tuple[str, ...] = ("data", "preprocess", "train", "export", "evaluate")
 
     def __post_init__(self) -> None:
-        if self.num_volumes < 6:
-            raise ValueError("num_volumes must be at least 6 (train and validation subjects)")
+        problems = []
+        if self.dataset is None and self.num_volumes < 6:
+            problems.append("num_volumes must be at least 6 (train and validation subjects)")
         if any(s < 16 for s in self.shape):
-            raise ValueError(f"shape {self.shape}: every side must be at least 16 voxels")
+            problems.append(f"shape {self.shape}: every side must be at least 16 voxels")
+        if not self.train_minutes > 0:
+            problems.append(f"train_minutes must be > 0, got {self.train_minutes}")
+        if self.patch_size < 16 or self.patch_size % 8:
+            problems.append(f"patch_size must be a multiple of 8 and at least 16, got {self.patch_size}")
+        if self.batch_size < 1 or self.eval_volumes < 8:
+            problems.append("batch_size must be >= 1 and eval_volumes >= 8")
+        unknown = set(self.stages) - {"data", "preprocess", "train", "export", "evaluate"}
+        if unknown:
+            problems.append(f"unknown stages {sorted(unknown)}")
+        if problems:
+            raise InvalidInput("invalid demo settings:", problems)
 
 
 @dataclass
@@ -42,14 +67,47 @@ class DemoResult:
     roots: dict[str, Path]
     dataset: str
     stages: list[tuple[str, float, str]] = field(default_factory=list)  # (stage, seconds, summary)
+    files: dict[str, Path] = field(default_factory=dict)
+    loss_curve: list[list[float]] = field(default_factory=list)
+    val_curve: list[list[float]] = field(default_factory=list)
+    evaluation: dict[str, Any] | None = None
+
+    @property
+    def pretraining_beats_random(self) -> bool | None:
+        if not self.evaluation:
+            return None
+        gain = self.evaluation.get("pretrained_minus_random", {}).get("volume_probe_accuracy")
+        return None if gain is None else gain > 0
 
     def format(self) -> str:
         lines = [f"nnssl demo: dataset {self.dataset}"]
         for name, seconds, summary in self.stages:
             lines.append(f"  [{seconds:6.1f} s] {name}: {summary}")
+        if self.loss_curve:
+            lines.append("Training loss (step: loss): " + ", ".join(f"{int(s)}: {v:.4f}" for s, v in
+                                                                   _thin(self.loss_curve, 8)))
+        if self.val_curve:
+            lines.append("Validation loss: " + ", ".join(f"{int(s)}: {v:.4f}" for s, v in _thin(self.val_curve, 8)))
+        if self.evaluation:
+            from nnssl.evaluation.report import format_summary
+
+            lines += ["Linear probe on held-out labeled phantoms (pretrained vs random init):",
+                      *("  " + line for line in format_summary(self.evaluation).splitlines())]
+            verdict = self.pretraining_beats_random
+            lines.append(f"Pretraining beats random initialisation on the probe: {'yes' if verdict else 'no'}")
+        if self.files:
+            lines.append("Where everything is:")
+            lines += [f"  {k:<22} {v}" for k, v in self.files.items()]
         lines.append("Folders (export these to keep working with the demo data):")
         lines += [f"  export {k}={v}" for k, v in self.roots.items()]
         return "\n".join(lines)
+
+
+def _thin(points: list[list[float]], n: int) -> list[list[float]]:
+    if len(points) <= n:
+        return points
+    picks = sorted({round(i * (len(points) - 1) / (n - 1)) for i in range(n)})
+    return [points[i] for i in picks]
 
 
 def _use_demo_roots(folder: Path) -> dict[str, Path]:
@@ -71,57 +129,137 @@ def _timed(result: DemoResult, name: str, fn: Callable[[], str]) -> None:
     logger.info("demo: %s done: %s", name, summary)
 
 
-def run_demo(config: DemoConfig) -> DemoResult:
-    """Generate phantoms, build and verify the dataset, fingerprint, plan and preprocess it."""
+def _data_stages(config: DemoConfig, result: DemoResult) -> Path:
+    """Phantoms -> pretrain_data.json -> integrity check; returns the labeled phantom folder."""
     from nnssl.data.builders import create_dataset
     from nnssl.data.integrity import verify_collection
     from nnssl.data.phantoms import PhantomConfig, write_phantom_collection
 
-    roots = _use_demo_roots(config.folder)
-    dataset = paths.dataset_folder_name(config.dataset_id, config.dataset_name)
-    result = DemoResult(roots=roots, dataset=dataset)
-    phantom_dir = roots[paths.RAW] / dataset / "bids"
+    raw = result.roots[paths.RAW] / result.dataset
+    phantom_dir, labeled_dir = raw / "bids", config.folder.resolve() / "labeled_phantoms"
 
     def phantoms() -> str:
-        manifest = write_phantom_collection(
-            phantom_dir,
-            PhantomConfig(num_volumes=config.num_volumes, shape=config.shape, seed=config.seed),
-            num_processes=config.num_processes,
-        )
-        return f"{len(manifest.cases)} volumes in {phantom_dir}"
+        write_phantom_collection(phantom_dir, PhantomConfig(num_volumes=config.num_volumes, shape=config.shape,
+                                                            seed=config.seed), num_processes=config.num_processes)
+        write_phantom_collection(labeled_dir, PhantomConfig(num_volumes=config.eval_volumes, shape=config.shape,
+                                                            seed=config.seed + 1), num_processes=config.num_processes)
+        return (f"{config.num_volumes} unlabeled volumes in {phantom_dir}, {config.eval_volumes} labeled volumes "
+                f"for the probe in {labeled_dir}")
 
-    collection_holder = {}
+    holder: dict[str, Any] = {}
 
     def build() -> str:
-        path, collection = create_dataset(
-            phantom_dir, config.dataset_id, config.dataset_name, layout="bids",
-            overwrite=config.overwrite,
-        )
-        collection_holder["c"] = collection
+        path, collection = create_dataset(phantom_dir, config.dataset_id, config.dataset_name, layout="bids",
+                                          overwrite=config.overwrite)
+        holder["collection"] = collection
         s = collection.summary()
         modalities = ", ".join(f"{k}: {v}" for k, v in s["modalities"].items())
         return f"{path} ({s['subjects']} subjects, {s['images']} images; {modalities})"
 
     def verify() -> str:
-        report = verify_collection(collection_holder["c"], num_processes=config.num_processes)
+        report = verify_collection(holder["collection"], num_processes=config.num_processes)
         if not report.ok:
-            raise RuntimeError("demo data failed the integrity check:\n" + report.format_table())
+            raise NnsslError("demo data failed the integrity check:\n" + report.format_table())
         return f"{report.num_checked} images checked, no problems"
 
     _timed(result, "generate phantoms", phantoms)
     _timed(result, "create dataset", build)
     _timed(result, "verify dataset integrity", verify)
+    return labeled_dir
 
-    def preprocess() -> str:
-        from nnssl.preprocessing.runner import plan_and_preprocess
 
-        outcomes = plan_and_preprocess([dataset], configurations=("onemmiso",),
-                                       num_processes=config.num_processes,
-                                       num_processes_fingerprint=config.num_processes)
-        failed = [f for o in outcomes for f in o.failures]
-        if failed:
-            raise RuntimeError(f"demo preprocessing failed for {len(failed)} cases: {failed[:3]}")
-        return "; ".join(str(o) for o in outcomes) + f" -> {roots[paths.PREPROCESSED] / dataset}"
-
-    _timed(result, "plan and preprocess", preprocess)
+def run_demo(config: DemoConfig) -> DemoResult:
+    """Run the selected stages; returns what was made and measured."""
+    roots = _use_demo_roots(config.folder)
+    own = config.dataset is not None
+    dataset = (paths.resolve_dataset_name(config.dataset) if own
+               else paths.dataset_folder_name(config.dataset_id, config.dataset_name))
+    result = DemoResult(roots=roots, dataset=dataset)
+    labeled = config.labeled
+    if "data" in config.stages and not own:
+        labeled = labeled or _data_stages(config, result)
+    elif not own and labeled is None and (config.folder / "labeled_phantoms" / "cases.json").is_file():
+        labeled = config.folder.resolve() / "labeled_phantoms"
+    if "preprocess" in config.stages:
+        _timed(result, "plan and preprocess", lambda: _preprocess(config, dataset, roots))
+    trainer = None
+    if "train" in config.stages:
+        trainer = _train(config, dataset, result)
+    if "export" in config.stages and trainer is not None:
+        _timed(result, "export", lambda: _export(dataset, trainer, result))
+    if "evaluate" in config.stages and "checkpoint" in result.files:
+        if labeled is None:
+            logger.warning("demo: no labeled folder (--labeled) for dataset %s: evaluation skipped", dataset)
+        else:
+            _timed(result, "evaluate against random init", lambda: _evaluate(labeled, result))
     return result
+
+
+def _preprocess(config: DemoConfig, dataset: str, roots: dict[str, Path]) -> str:
+    from nnssl.preprocessing.runner import plan_and_preprocess
+
+    outcomes = plan_and_preprocess([dataset], configurations=("onemmiso",), num_processes=config.num_processes,
+                                   num_processes_fingerprint=config.num_processes)
+    failed = [f for o in outcomes for f in o.failures]
+    if failed:
+        raise NnsslError(f"demo preprocessing failed for {len(failed)} cases: {failed[:3]}")
+    return "; ".join(str(o) for o in outcomes) + f" -> {roots[paths.PREPROCESSED] / dataset}"
+
+
+def _train(config: DemoConfig, dataset: str, result: DemoResult) -> str:
+    import torch
+
+    from nnssl.training.budget import steps_for_budget
+    from nnssl.training.options import RunOptions
+    from nnssl.training.run import train
+
+    base = f"IJEPATrainer_Tiny_P{config.patch_size}_BS{config.batch_size}"
+    holder: dict[str, Any] = {}
+
+    def calibrate() -> str:
+        steps = steps_for_budget(base + "_1ep_1it", 60.0 * config.train_minutes)
+        epochs = min(10, steps)
+        holder["trainer"] = f"{base}_{epochs}ep_{max(1, steps // epochs)}it"
+        return f"{holder['trainer']}: {epochs * max(1, steps // epochs)} steps fit {config.train_minutes:g} min"
+
+    _timed(result, "calibrate training budget", calibrate)
+    trainer = holder["trainer"]
+
+    def run() -> str:
+        outcome = train(RunOptions(dataset=dataset, trainer=trainer, device="cpu", num_workers=1,
+                                   log_every=10))
+        ckpt = torch.load(outcome.checkpoint, weights_only=True)
+        result.loss_curve = ckpt["history"].get("train_loss", [])
+        result.val_curve = ckpt["history"].get("val_loss", [])
+        result.files["checkpoint"] = Path(outcome.checkpoint)
+        result.files["progress.png"] = Path(outcome.checkpoint).parent / "progress.png"
+        result.files["training log"] = next(Path(outcome.checkpoint).parent.glob("training_log_*.txt"))
+        first, last = result.loss_curve[0][1], result.loss_curve[-1][1]
+        return f"{outcome.step} steps, train loss {first:.4f} -> {last:.4f} ({outcome.checkpoint})"
+
+    _timed(result, "pretrain I-JEPA (CPU)", run)
+    return trainer
+
+
+def _export(dataset: str, trainer: str, result: DemoResult) -> str:
+    from nnssl.export.share import export
+
+    run_folder = result.files["checkpoint"].parent.parent
+    out = result.roots[paths.RESULTS] / dataset / "exported" / trainer
+    shared = export(run_folder, out)
+    result.files["exported folder"] = shared.folder
+    return f"{shared.folder} ({', '.join(f.name for f in shared.files)})"
+
+
+def _evaluate(labeled: Path, result: DemoResult) -> str:
+    from nnssl.evaluation.evaluate import evaluate_checkpoint
+
+    out = result.files["checkpoint"].parent / "evaluation"
+    result.evaluation = evaluate_checkpoint(result.files["checkpoint"], labeled, out)
+    result.files["evaluation.json"] = out / "evaluation.json"
+    result.files["evaluation.png"] = out / "evaluation.png"
+    enc = result.evaluation["encoders"]
+    if "volume_probe" not in enc["pretrained"]:
+        return f"collapse statistics in {out} (no class labels for a volume probe)"
+    pre, ref = enc["pretrained"]["volume_probe"]["accuracy"], enc["random"]["volume_probe"]["accuracy"]
+    return f"volume probe accuracy: pretrained {pre:.3f} vs random {ref:.3f} ({out})"
