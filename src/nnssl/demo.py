@@ -6,8 +6,8 @@ CPU within a time budget (live progress in the log), export the checkpoint, eval
 random initialisation on a separate labeled phantom set, and print a summary. Each stage calls
 the same library function the corresponding command uses, so the demo is the pipeline.
 
-With `dataset=<id>` it skips the phantoms and uses the user's own preprocessed-or-raw dataset
-(evaluation then needs a labeled folder).
+With `dataset=<id>` it skips the phantoms and runs on the user's own dataset under their
+`nnssl_raw` / `nnssl_preprocessed` / `nnssl_results` (evaluation then needs a labeled folder).
 """
 
 from __future__ import annotations
@@ -170,8 +170,9 @@ def _data_stages(config: DemoConfig, result: DemoResult) -> Path:
 
 def run_demo(config: DemoConfig) -> DemoResult:
     """Run the selected stages; returns what was made and measured."""
-    roots = _use_demo_roots(config.folder)
     own = config.dataset is not None
+    # the user's own dataset lives under their nnssl_* roots; phantoms under the demo folder
+    roots = {var: paths.env_root(var) for var in paths.ROOT_VARIABLES} if own else _use_demo_roots(config.folder)
     dataset = (paths.resolve_dataset_name(config.dataset) if own
                else paths.dataset_folder_name(config.dataset_id, config.dataset_name))
     result = DemoResult(roots=roots, dataset=dataset)

@@ -26,8 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch", type=int, default=32, help="pretraining patch size (cubic, multiple of 8)")
     p.add_argument("--batch", type=int, default=4, help="pretraining batch size")
     p.add_argument("-d", "--dataset", default=None,
-                   help="use your own dataset (id or DatasetXXX_Name under $nnssl_raw / the demo folder) "
-                        "instead of phantoms; evaluation then needs --labeled")
+                   help="use your own dataset (id or DatasetXXX_Name under your $nnssl_raw, with $nnssl_preprocessed "
+                        "and $nnssl_results set) instead of phantoms; evaluation then needs --labeled")
     p.add_argument("--labeled", type=Path, default=None, help="labeled folder (cases.json) for the evaluation")
     p.add_argument("-np", type=int, default=2, dest="num_processes", help="worker processes")
     p.add_argument("--seed", type=int, default=0, help="seed for the phantoms")
