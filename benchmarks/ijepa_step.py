@@ -65,12 +65,14 @@ def build_ours(config: dict = OUR_CONFIG, total_steps: int = 1000):
                                                              target_scale=config["target_scale"],
                                                              context_scale=config["context_scale"]))
     schedule = ScheduleConfig(total_steps=total_steps, warmup_steps=min(40, total_steps - 1))
-    optimizer = torch.optim.AdamW(method.parameter_groups(wd_at(0, schedule)), lr=lr_at(0, schedule))
+    optimizer = torch.optim.AdamW(method.parameter_groups(wd_at(0, schedule)), lr=lr_at(0, schedule), fused=True)
     return method, sampler, optimizer, schedule
 
 
-def ours_side(batch_sizes: list[int], warmup: int, timed: int, config: dict = OUR_CONFIG) -> dict:
-    """Time our full step (masks, forward, backward, AdamW with schedules, EMA) per batch size."""
+def ours_side(batch_sizes: list[int], warmup: int, timed: int, config: dict = OUR_CONFIG,
+              precision: str = "fp32") -> dict:
+    """Time our full step (masks, forward, backward, AdamW with schedules, EMA) per batch size;
+    `precision="bf16"`: bf16 autocast (the trainer's `--precision bf16`), fp32 weights and loss."""
     from nnssl.methods.schedules import lr_at, momentum_at, wd_at
 
     torch.manual_seed(0)
@@ -83,7 +85,9 @@ def ours_side(batch_sizes: list[int], warmup: int, timed: int, config: dict = OU
 
         def forward_backward(i: int = 0) -> None:
             masks = sampler(bs, i)
-            method(x, masks).loss.backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = method(x, masks).loss
+            loss.backward()
             last["context_tokens"] = int(masks.context.shape[1])
 
         def step(i: int) -> dict:
@@ -121,47 +125,59 @@ def nidl_side(batch_sizes: list[int], threads: int, warmup: int, timed: int) -> 
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _ours_subprocess(batch_sizes: list[int], threads: int, warmup: int, timed: int) -> dict:
+def _ours_subprocess(batch_sizes: list[int], threads: int, warmup: int, timed: int, precision: str) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--ours-only", "--threads", str(threads),
-           "--warmup", str(warmup), "--timed", str(timed), "--batch-sizes", *map(str, batch_sizes)]
+           "--warmup", str(warmup), "--timed", str(timed), "--precision", precision,
+           "--batch-sizes", *map(str, batch_sizes)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _compare(ours: dict, nidl: dict, batch_sizes: list[int]) -> dict:
+    per_batch, speedups, gflops_ok = {}, [], []
+    for bs in map(str, batch_sizes):
+        o, n = ours[bs], nidl[bs]
+        speedup = o["samples_per_s"] / n["samples_per_s"]
+        speedups.append(speedup)
+        gflops_ok.append(o["gflops_per_s"] >= n["gflops_per_s"])
+        per_batch[bs] = {"ours": o, "nidl": n, "speedup_vs_nidl": speedup,
+                         "flops_per_sample_ratio": o["flops_per_sample"] / n["flops_per_sample"]}
+    return {"per_batch": per_batch, "speedup_vs_nidl": min(speedups),
+            "gflops_per_s_ours": min(ours[str(b)]["gflops_per_s"] for b in batch_sizes),
+            "meets_targets": {"speedup_ge_2_5": min(speedups) >= SPEEDUP_TARGET, "gflops_ge_nidl": all(gflops_ok)}}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--timed", type=int, default=3)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="with --ours-only")
     parser.add_argument("--ours-only", action="store_true", help="time our side in this process only")
     args = parser.parse_args()
     if args.ours_only:
         torch.set_num_threads(args.threads)
-        print(json.dumps({"per_batch": ours_side(args.batch_sizes, args.warmup, args.timed)}))
+        print(json.dumps({"per_batch": ours_side(args.batch_sizes, args.warmup, args.timed,
+                                                 precision=args.precision)}))
         return 0
-    # each side in its own fresh process, one after the other
-    ours = _ours_subprocess(args.batch_sizes, args.threads, args.warmup, args.timed)["per_batch"]
-    nidl = nidl_side(args.batch_sizes, args.threads, args.warmup, args.timed)
-    per_batch, speedups, gflops_ok = {}, [], []
-    for bs in map(str, args.batch_sizes):
-        o, n = ours[bs], nidl["per_batch"][bs]
-        speedup = o["samples_per_s"] / n["samples_per_s"]
-        speedups.append(speedup)
-        gflops_ok.append(o["gflops_per_s"] >= n["gflops_per_s"])
-        per_batch[bs] = {"ours": o, "nidl": n, "speedup_vs_nidl": speedup}
+    # each side in its own fresh process, one after the other: ours fp32, nidl (fp32), ours bf16
+    ours = _ours_subprocess(args.batch_sizes, args.threads, args.warmup, args.timed, "fp32")["per_batch"]
+    nidl = nidl_side(args.batch_sizes, args.threads, args.warmup, args.timed)["per_batch"]
+    ours_bf16 = _ours_subprocess(args.batch_sizes, args.threads, args.warmup, args.timed, "bf16")["per_batch"]
+    fp32 = _compare(ours, nidl, args.batch_sizes)
+    bf16 = _compare(ours_bf16, nidl, args.batch_sizes)
     result = {
-        "config": {"ours": OUR_CONFIG, "nidl": NIDL_CONFIG, "threads": args.threads, "dtype": "float32",
-                   "device": "cpu", "warmup_steps": args.warmup, "timed_steps": args.timed,
+        "config": {"ours": OUR_CONFIG, "nidl": NIDL_CONFIG, "threads": args.threads, "device": "cpu",
+                   "dtype": "nidl fp32; ours fp32 (headline) and bf16 autocast (`--precision bf16`)",
+                   "warmup_steps": args.warmup, "timed_steps": args.timed,
                    "nidl_driver": "plain loop over nidl's pieces (masker, encoders, predictor, loss, "
                                   "AdamW, MomentumUpdater), no Lightning Trainer",
                    "flops": "FlopCounterMode on forward+backward + 4BHLqLkd (fwd) / 2x (bwd) for the "
                             "CPU flash-attention kernel; optimizer and EMA excluded (O(params))"},
-        "per_batch": per_batch,
-        "speedup_vs_nidl": min(speedups),
-        "gflops_per_s_ours": min(ours[str(b)]["gflops_per_s"] for b in args.batch_sizes),
-        "gflops_per_s_nidl": max(nidl["per_batch"][str(b)]["gflops_per_s"] for b in args.batch_sizes),
-        "meets_targets": {"speedup_ge_2_5": min(speedups) >= SPEEDUP_TARGET, "gflops_ge_nidl": all(gflops_ok)},
+        **fp32,
+        "gflops_per_s_nidl": max(nidl[str(b)]["gflops_per_s"] for b in args.batch_sizes),
+        "bf16": bf16,
     }
     print(json.dumps(result, indent=1))
     return 0

@@ -34,3 +34,12 @@ def test_console_script_rejects_unknown_flags(name, capsys):
     err = capsys.readouterr().err
     # argparse reports either the unknown flag or the missing required arguments; never silence
     assert f"{name}: error:" in err
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_console_script_rejects_single_dash_prefixes(name, capsys):
+    """`-n` must not silently mean `-np` (argparse expands single-dash prefixes otherwise)."""
+    with pytest.raises(SystemExit) as e:
+        _entry_point(name)(["-nu", "3", "-dev", "cpu"])
+    assert e.value.code == 2
+    assert f"{name}: error:" in capsys.readouterr().err

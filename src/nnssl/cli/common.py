@@ -15,8 +15,16 @@ from nnssl.errors import NnsslError
 from nnssl.log import setup_logging
 
 
+class _ExactOptionsParser(argparse.ArgumentParser):
+    """Options match exactly. With `allow_abbrev=False` argparse (3.11) still expands
+    single-dash prefixes, so `-n 3` would silently become `-np 3`; here it is an error."""
+
+    def _get_option_tuples(self, option_string: str) -> list:
+        return []
+
+
 def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(
+    return _ExactOptionsParser(
         prog=prog,
         description=description,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

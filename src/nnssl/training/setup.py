@@ -110,8 +110,12 @@ def build_optimizer(method: PretrainingMethod, config: TrainingConfig) -> torch.
     from nnssl.methods.schedules import lr_at, wd_at
 
     schedule = config.schedule_config()
+    # fused: one kernel over all parameters instead of ~10 elementwise passes per tensor
+    # (exact same update; on CPU it measured ~1% of an I-JEPA step, on CUDA it saves launches)
+    device = next(iter(method.parameters())).device
+    fused = device.type in ("cpu", "cuda")
     return torch.optim.AdamW(method.parameter_groups(wd_at(0, schedule)), lr=lr_at(0, schedule),
-                             betas=config.betas)
+                             betas=config.betas, fused=fused)
 
 
 def build_context(options: RunOptions, dist: DistInfo) -> RunContext:

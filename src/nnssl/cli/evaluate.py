@@ -1,0 +1,100 @@
+"""`nnssl_evaluate`: did pretraining work? Frozen features of an exported encoder vs random init.
+
+Reports RankMe / feature std (collapse check), logistic-regression probes on mean-pooled
+features (class label per volume) and on token features (label maps), and a learning curve
+(probe accuracy vs fraction of labeled training cases), each for the checkpoint's encoder and
+for the same architecture at random initialisation. Writes evaluation.json and evaluation.png.
+Labeled-set format and every output field: documentation/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from nnssl.cli.common import add_verbose, make_parser, run_cli
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _device(text: str) -> str:
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device ({e}); use cpu, cuda, cuda:1 or mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: no CUDA device is available here; use -device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: MPS is not available here; use -device cpu")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from nnssl.evaluation.probe import ProbeConfig
+
+    d = ProbeConfig()
+    p = make_parser("nnssl_evaluate", __doc__)
+    p.add_argument("checkpoint", type=Path, help="checkpoint_final.pth of a training run or of an nnssl_export folder")
+    p.add_argument("--labeled", "-labeled", type=Path, required=True, dest="labeled",
+                   help="folder with a cases.json listing images with class labels and/or label maps")
+    p.add_argument("-o", type=Path, default=None, dest="output",
+                   help="output folder for evaluation.json and evaluation.png (default: evaluation/ next to "
+                        "the checkpoint)")
+    p.add_argument("-device", type=_device, default="cpu", help="torch device for feature extraction (cpu, cuda, cuda:1, mps)")
+    p.add_argument("-batch_size", type=_positive_int, default=4, help="volumes per forward pass")
+    p.add_argument("-num_splits", type=_positive_int, default=d.num_splits,
+                   help="seeded train/test splits by case; reported numbers are their mean")
+    p.add_argument("-test_fraction", type=float, default=d.test_fraction, help="share of cases held out per split")
+    p.add_argument("-C", type=float, default=d.C, dest="C",
+                   help="inverse L2 regularisation of the logistic regression (on standardised features)")
+    p.add_argument("-fractions", type=float, nargs="+", default=list(d.fractions),
+                   help="learning curve: shares of the training cases the probes are fitted on (1 is always added)")
+    p.add_argument("-token_label", choices=("centre", "majority"), default=d.token_label,
+                   help="label of a token: the label-map voxel at its cell's centre, or the majority in the cell")
+    p.add_argument("-max_tokens_per_case", type=_positive_int, default=d.max_tokens_per_case,
+                   help="token probe: token positions kept per case (seeded subset, same for every case)")
+    p.add_argument("-seed", type=_non_negative_int, default=d.seed,
+                   help="seed of the splits, learning-curve subsets and token subsamples")
+    p.add_argument("-random_seed", type=_non_negative_int, default=0,
+                   help="seed of the randomly initialised reference encoder")
+    p.add_argument("--no_plot", action="store_true", help="write evaluation.json only (no matplotlib)")
+    add_verbose(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    def body(args: argparse.Namespace) -> int:
+        from nnssl.evaluation.evaluate import evaluate_checkpoint
+        from nnssl.evaluation.probe import ProbeConfig
+        from nnssl.evaluation.report import JSON_NAME, PLOT_NAME, format_summary
+
+        probe = ProbeConfig(test_fraction=args.test_fraction, num_splits=args.num_splits, seed=args.seed, C=args.C,
+                            fractions=tuple(args.fractions), token_label=args.token_label,
+                            max_tokens_per_case=args.max_tokens_per_case)
+        out = args.output or args.checkpoint.absolute().parent / "evaluation"
+        result = evaluate_checkpoint(args.checkpoint, args.labeled, out, probe=probe, random_seed=args.random_seed,
+                                     device=args.device, batch_size=args.batch_size, plot=not args.no_plot)
+        print(format_summary(result))
+        print(f"written: {out / JSON_NAME}" + ("" if args.no_plot else f", {out / PLOT_NAME}"))
+        return 0
+
+    return run_cli(build_parser(), body, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
