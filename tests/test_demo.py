@@ -1,0 +1,24 @@
+"""`nnssl_demo --quick`: the README's main-job command in its shortened mode, as a new user runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+
+def test_quick_demo_runs_every_stage_and_reports_where_everything_is(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("nnssl_")}  # a fresh machine: no roots set
+    done = subprocess.run([sys.executable, "-m", "nnssl.cli.demo", "-o", str(tmp_path / "demo"), "--quick"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    for stage in ("generate phantoms", "create dataset", "verify dataset integrity", "plan and preprocess",
+                  "calibrate training budget", "pretrain I-JEPA (CPU)", "export", "evaluate against random init"):
+        assert f"] {stage}:" in out, stage
+    assert "Training loss (step: loss)" in out and "volume probe accuracy" in out
+    assert "Pretraining beats random initialisation on the probe:" in out
+    for name in ("checkpoint", "progress.png", "exported folder", "evaluation.json", "evaluation.png"):
+        line = next(line for line in out.splitlines() if line.strip().startswith(name))
+        assert os.path.exists(line.split()[-1]), line
+    assert f"export nnssl_results={tmp_path / 'demo' / 'nnssl_results'}" in out
