@@ -33,6 +33,17 @@ def no_nnssl_roots(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
+@pytest.fixture
+def one_thread():
+    """Run a test's tiny tensor ops on one thread (faster and steadier on a shared 2-core CPU)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 ENV_NAMES = ("nnssl_raw", "nnssl_preprocessed", "nnssl_results")
 
 

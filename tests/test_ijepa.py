@@ -19,12 +19,7 @@ from nnssl.models.primus import PrimusTokenEncoder, build_primus
 SHAPE = (32, 32, 32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small CPU ops: threads only add noise
 
 
 def _method(seed: int = 0, depth: int = 2, drop_path: float = 0.0, loss: str = "smooth_l1", shape=SHAPE) -> IJEPA:

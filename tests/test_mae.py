@@ -28,13 +28,7 @@ PRIMUS_SHAPE = (16, 24, 32)   # 8³ tokens: grid (2, 3, 4), 24 tokens, 18 masked
 RESENC_SHAPE = (64, 64, 32)   # 16³ blocks: grid (4, 4, 2), 32 blocks, 24 masked; bottleneck 2 x 2 x 1
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the CI machine is shared: two threads spin against other processes and run far slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small CPU ops: threads only add noise
 
 
 def _primus(seed: int = 0) -> PrimusMAE:

@@ -17,12 +17,7 @@ GRID = (4, 5, 6)
 E = 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small CPU ops: threads only add noise
 
 
 def _predictor(depth: int = 2, seed: int = 0) -> JEPAPredictor:

@@ -20,13 +20,7 @@ from nnssl.models.primus import (PRIMUS_PRESETS, InvalidPrimusConfig, PrimusToke
 SHAPE = (16, 24, 32)  # non-cubic on purpose: grid (2, 3, 4) catches swapped axes
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the CI machine is shared: two threads spin against other processes and run ~20x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small CPU ops: threads only add noise
 
 
 def _encoder(shape=SHAPE, seed: int = 0, **kwargs) -> PrimusTokenEncoder:

@@ -35,13 +35,7 @@ PATCH = (64, 64, 64)  # 2³ cells
 KEEP = torch.tensor([[0, 2, 3], [1, 4, 6]])  # different per sample; no axis swap maps a row onto itself
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the CI machine is shared: two threads spin against other processes and run much slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small CPU ops: threads only add noise
 
 
 def _randomise_norms(network: nn.Module) -> None:

@@ -25,6 +25,11 @@ from nnssl.log import get_logger
 logger = get_logger(__name__)
 
 
+# a volume-probe margin (accuracy, fraction) the demo calls a win: the spec's T3 bar; on 48 cases
+# the split-to-split noise is several points
+SIGNIFICANT_GAIN = 0.05
+
+
 @dataclass(frozen=True)
 class DemoConfig:
     folder: Path = Path("nnssl_demo")
@@ -77,7 +82,7 @@ class DemoResult:
         if not self.evaluation:
             return None
         gain = self.evaluation.get("pretrained_minus_random", {}).get("volume_probe_accuracy")
-        return None if gain is None else gain > 0
+        return None if gain is None else gain >= SIGNIFICANT_GAIN
 
     def format(self) -> str:
         lines = [f"nnssl demo: dataset {self.dataset}"]
@@ -95,10 +100,11 @@ class DemoResult:
                       *("  " + line for line in format_summary(self.evaluation).splitlines())]
             verdict = self.pretraining_beats_random
             gain = self.evaluation.get("pretrained_minus_random", {}).get("volume_probe_accuracy", float("nan"))
-            note = "" if verdict else ("; a few CPU minutes move a tiny ViT little from its initialisation, see "
-                                       "documentation/evaluation.md for the measured probes")
-            lines.append(f"Pretraining beats random initialisation on the probe: {'yes' if verdict else 'no'} "
-                         f"({100 * gain:+.1f} points{note})")
+            cases = self.evaluation.get("data", {}).get("num_cases", "?")
+            lines.append(f"Pretraining beats random initialisation on the probe by >= {100 * SIGNIFICANT_GAIN:.0f} "
+                         f"points: {'yes' if verdict else 'no'} ({100 * gain:+.1f} points on {cases} labeled cases; "
+                         "smaller differences are within the noise of a probe this size, and a few CPU minutes "
+                         "move a tiny ViT little from its initialisation: documentation/evaluation.md)")
         if self.files:
             lines.append("Where everything is:")
             lines += [f"  {k:<22} {v}" for k, v in self.files.items()]
