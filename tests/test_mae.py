@@ -285,7 +285,15 @@ def test_a_few_steps_on_one_fixed_batch_reduce_the_loss(family, steps, lr):
 
 @pytest.mark.parametrize("family", ["primus", "resenc"])
 def test_bf16_autocast_keeps_the_loss_fp32(family):
-    method, shape = (_primus(), PRIMUS_SHAPE) if family == "primus" else (_resenc(), RESENC_SHAPE)
+    # ResEnc at 96³ (bottleneck 3³): on RESENC_SHAPE the bottleneck InstanceNorm sees 2 voxels
+    # per channel, whose bf16 variance can round to ~0 and give an infinite gradient now and then
+    # (a degenerate size; real 160³ patches have 5³ = 125 bottleneck voxels)
+    if family == "primus":
+        method, shape = _primus(), PRIMUS_SHAPE
+    else:
+        torch.manual_seed(0)
+        shape = (96, 96, 96)
+        method = build_mae(replace(resolve_trainer("MAETrainer_ResEncTiny").config, patch_size=shape))
     x = _volumes(shape)
     masks = method.sample_masks(2 if family == "primus" else tuple(x.shape), step=0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
