@@ -14,15 +14,43 @@ with the validation index as the step, so its masks are fixed across the whole r
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
+from torch import nn
 
 from nnssl.models.backbone import BackboneSpec
 
 TRAIN_STREAM = 0
 VALIDATION_STREAM = 1
+
+
+def exempt_from_weight_decay(name: str, p: nn.Parameter) -> bool:
+    """Biases, norm scales, LayerScale gammas and q/v biases are 1-D; position embeddings, mask
+    tokens and register tokens are not, but decaying them pulls positions / queries to 0 (Eva's
+    `no_weight_decay` lists pos_embed; IJEPA_SPEC §2.5)."""
+    leaf = name.rsplit(".", 1)[-1]
+    return p.ndim <= 1 or leaf in ("pos_embed", "mask_token", "register_tokens")
+
+
+def parameter_groups_by_part(parts: Iterable[tuple[str, Iterable[tuple[str, nn.Parameter]]]],
+                             weight_decay: float) -> list[dict]:
+    """AdamW groups `<part>_decay` / `<part>_no_decay` over (part, named parameters) pairs, with
+    one exemption rule for every method (so I-JEPA and MAE are optimised alike). Frozen
+    parameters are left out. `apply_wd` tells the trainer which groups get the scheduled decay."""
+    groups = []
+    for part, named in parts:
+        named = [(n, p) for n, p in named if p.requires_grad]
+        decay = [p for n, p in named if not exempt_from_weight_decay(n, p)]
+        exempt = [p for n, p in named if exempt_from_weight_decay(n, p)]
+        if decay:
+            groups.append({"name": f"{part}_decay", "params": decay, "weight_decay": float(weight_decay),
+                           "apply_wd": True})
+        if exempt:
+            groups.append({"name": f"{part}_no_decay", "params": exempt, "weight_decay": 0.0, "apply_wd": False})
+    return groups
 
 
 @dataclass

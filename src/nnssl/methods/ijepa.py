@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnssl.errors import InvalidInput, NnsslError
-from nnssl.methods.base import TRAIN_STREAM, MethodOutput
+from nnssl.methods.base import TRAIN_STREAM, MethodOutput, parameter_groups_by_part
 from nnssl.methods.masks import MaskBatch, MultiBlockMaskSampler
 from nnssl.models.backbone import BackboneSpec
 from nnssl.models.predictor import JEPAPredictor
@@ -128,14 +128,6 @@ def ijepa_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "smooth_l1"
     raise InvalidIJEPAConfig([f"loss={kind!r} must be one of {LOSSES}"])
 
 
-def _exempt_from_weight_decay(name: str, p: nn.Parameter) -> bool:
-    # biases, norm scales, LayerScale gammas and q/v biases are 1-D; position embeddings, the
-    # mask token and register tokens are not, but decaying them pulls positions/queries to 0
-    # (Eva's no_weight_decay lists pos_embed; spec §2.5)
-    leaf = name.rsplit(".", 1)[-1]
-    return p.ndim <= 1 or leaf in ("pos_embed", "mask_token", "register_tokens")
-
-
 class IJEPA(nn.Module):
     """Student (the given encoder), teacher (a deep copy, frozen, always in eval mode) and
     predictor. `state_dict()` holds all three, so a checkpoint resumes exactly."""
@@ -205,19 +197,8 @@ class IJEPA(nn.Module):
         with `weight_decay`, and biases / 1-D / position embeddings / mask token / register tokens
         without. Each group has a `name` and `apply_wd`, so the trainer sets the scheduled weight
         decay per step on the `apply_wd` groups only (I-JEPA's 4 groups)."""
-        groups = []
-        parts = (("encoder", self.student.encoder_named_parameters()),
-                 ("predictor", list(self.predictor.named_parameters())))
-        for part, named in parts:
-            decay = [p for n, p in named if p.requires_grad and not _exempt_from_weight_decay(n, p)]
-            exempt = [p for n, p in named if p.requires_grad and _exempt_from_weight_decay(n, p)]
-            if decay:
-                groups.append({"name": f"{part}_decay", "params": decay, "weight_decay": float(weight_decay),
-                               "apply_wd": True})
-            if exempt:
-                groups.append({"name": f"{part}_no_decay", "params": exempt, "weight_decay": 0.0,
-                               "apply_wd": False})
-        return groups
+        return parameter_groups_by_part((("encoder", self.student.encoder_named_parameters()),
+                                         ("predictor", list(self.predictor.named_parameters()))), weight_decay)
 
     # ---- the training loop's interface (methods/base.py) --------------------------------------
 

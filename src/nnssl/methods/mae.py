@@ -14,7 +14,7 @@ mask), in fp32 whatever the autocast state. This module holds what they share: t
 sampler, the masked MSE, the AdamW groups and the configuration checks.
 
 Masks are a pure function of (seed, step, stream, global sample index), drawn with a local
-generator per sample seeded by hashing those (`nnssl.methods.masks._generator`, blake2b, the
+generator per sample seeded by hashing those (`nnssl.methods.masks.seeded_generator`, blake2b, the
 same convention as I-JEPA's sampler), never the global RNG: a resumed or multi-GPU run draws
 exactly the masks an uninterrupted single-process run would (methods/base.py).
 """
@@ -22,16 +22,13 @@ exactly the masks an uninterrupted single-process run would (methods/base.py).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
-from torch import nn
 
 from nnssl.errors import InvalidInput
-from nnssl.methods.ijepa import _exempt_from_weight_decay
-from nnssl.methods.masks import _generator
+from nnssl.methods.masks import seeded_generator
 
 if TYPE_CHECKING:
     from nnssl.methods.base import PretrainingMethod
@@ -103,7 +100,7 @@ class RandomMaskSampler:
         """CPU masks of the global samples first_index .. first_index + batch_size − 1 of `step`
         (rank r of a run with local batch b passes first_index = r·b); move them with `.to(device)`."""
         masked = self.num_masked(num_cells)
-        keys = [torch.rand(num_cells, generator=_generator("mae", int(self.seed), int(step), int(stream),
+        keys = [torch.rand(num_cells, generator=seeded_generator("mae", int(self.seed), int(step), int(stream),
                                                            int(first_index) + i)) for i in range(batch_size)]
         order = torch.stack(keys).argsort(dim=1)
         return RandomMasks(keep=order[:, masked:].sort(dim=1).values, masked=order[:, :masked].sort(dim=1).values)
@@ -133,24 +130,6 @@ def check_anonymization_mask(mask: torch.Tensor | None, volumes: torch.Tensor) -
         raise InvalidInput(f"anonymization mask has shape {list(mask.shape)}, expected {list(expected)} (one "
                            "channel, same batch and spatial size as the volumes); crop it together with the image")
     return mask.to(device=volumes.device, dtype=torch.bool)
-
-
-def mae_parameter_groups(parts: Iterable[tuple[str, Iterable[tuple[str, nn.Parameter]]]],
-                         weight_decay: float) -> list[dict]:
-    """AdamW groups `<part>_decay` / `<part>_no_decay` over (part, named parameters) pairs, with
-    I-JEPA's exemption rule (biases, 1-D parameters, position embeddings, mask tokens), so both
-    methods are optimised alike and compare fairly. Frozen parameters are left out."""
-    groups = []
-    for part, named in parts:
-        named = [(n, p) for n, p in named if p.requires_grad]
-        decay = [p for n, p in named if not _exempt_from_weight_decay(n, p)]
-        exempt = [p for n, p in named if _exempt_from_weight_decay(n, p)]
-        if decay:
-            groups.append({"name": f"{part}_decay", "params": decay, "weight_decay": float(weight_decay),
-                           "apply_wd": True})
-        if exempt:
-            groups.append({"name": f"{part}_no_decay", "params": exempt, "weight_decay": 0.0, "apply_wd": False})
-    return groups
 
 
 def cpu_state_dict(state: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:

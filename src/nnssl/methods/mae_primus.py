@@ -33,8 +33,8 @@ from timm.models.eva import EvaBlock
 from torch import nn
 
 from nnssl.errors import InvalidInput
-from nnssl.methods.base import TRAIN_STREAM, MethodOutput
-from nnssl.methods.mae import (RandomMasks, RandomMaskSampler, check_anonymization_mask, mae_parameter_groups,
+from nnssl.methods.base import TRAIN_STREAM, MethodOutput, parameter_groups_by_part
+from nnssl.methods.mae import (RandomMasks, RandomMaskSampler, check_anonymization_mask,
                                masked_mse)
 from nnssl.models.backbone import BackboneSpec
 from nnssl.models.predictor import sincos_pos_embed_3d
@@ -183,7 +183,7 @@ class PrimusMAE(nn.Module):
         """`encoder_*` (the Primus encoder; its unused segmentation decoder is frozen) and
         `decoder_*` groups, each split into decayed weights and exempt biases / 1-D parameters /
         position embedding / mask token."""
-        return mae_parameter_groups((("encoder", self.encoder.encoder_named_parameters()),
+        return parameter_groups_by_part((("encoder", self.encoder.encoder_named_parameters()),
                                      ("decoder", self.decoder.named_parameters())), weight_decay)
 
     def export_encoder_state_dict(self) -> dict[str, torch.Tensor]:

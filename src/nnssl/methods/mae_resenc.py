@@ -23,9 +23,9 @@ from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
 from torch import nn
 
 from nnssl.errors import InvalidInput
-from nnssl.methods.base import TRAIN_STREAM, MethodOutput
+from nnssl.methods.base import TRAIN_STREAM, MethodOutput, parameter_groups_by_part
 from nnssl.methods.mae import (RandomMasks, RandomMaskSampler, check_anonymization_mask, cpu_state_dict,
-                               mae_parameter_groups, masked_mse)
+                               masked_mse)
 from nnssl.models.backbone import BackboneSpec
 from nnssl.models.resenc import RESENC_L_STRIDE, resenc_backbone_spec, resenc_l_arch_kwargs
 from nnssl.training.config import TrainingConfig
@@ -133,7 +133,7 @@ class ResEncMAE(nn.Module):
         """`encoder_*` (stem and stages) and `decoder_*` (the U-Net decoder, without the encoder it
         references and without the frozen deep-supervision heads) groups, each split into decayed
         conv weights and exempt biases / norm parameters."""
-        return mae_parameter_groups((("encoder", list(self.network.encoder.named_parameters())),
+        return parameter_groups_by_part((("encoder", list(self.network.encoder.named_parameters())),
                                      ("decoder", self._decoder_named_parameters())), weight_decay)
 
     def export_encoder_state_dict(self) -> dict[str, torch.Tensor]:

@@ -158,7 +158,9 @@ def unflatten_index(index: torch.Tensor, grid: Shape) -> torch.Tensor:
     return torch.stack(coords[::-1], dim=-1)
 
 
-def _generator(*parts: object) -> torch.Generator:
+def seeded_generator(*parts: object) -> torch.Generator:
+    """A torch.Generator seeded by a stable hash of `parts` (never the global RNG), so masks are a
+    pure function of (seed, step, ...) in every process; shared by the I-JEPA and MAE samplers."""
     digest = hashlib.blake2b(",".join(str(p) for p in parts).encode(), digest_size=8).digest()
     g = torch.Generator()
     g.manual_seed(int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF)
@@ -223,7 +225,7 @@ class MultiBlockMaskSampler:
 
     def block_shapes(self, step: int) -> tuple[Shape, Shape]:
         """(target shape, context shape) of `step`: a pure function of (seed, step)."""
-        g = _generator("sizes", self.seed, int(step))
+        g = seeded_generator("sizes", self.seed, int(step))
         target = self._target_sides(g)
         return target, self._context_sides(_uniform(g, *self.config.context_scale))
 
@@ -274,7 +276,7 @@ class MultiBlockMaskSampler:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         c, m = self.config, self.config.num_targets
         target_shape, context_shape = self.block_shapes(step)
-        g = _generator("positions", self.seed, int(step), int(rank), int(stream))
+        g = seeded_generator("positions", self.seed, int(step), int(rank), int(stream))
         corners = self._corners(target_shape, batch_size * m, g).view(batch_size, m, -1)
         levels = self._forbidden_levels(corners, target_shape)
         context = torch.zeros(batch_size, self.num_tokens, dtype=torch.bool)
