@@ -10,9 +10,14 @@ nidl's venv is `benchmarks/.nidl-venv` unless NNSSL_NIDL_VENV points elsewhere; 
 first use with `python3 -m venv` + `pip install torch==2.14.1 torchvision==0.29.1 nidl==0.0.2`
 (torch/torchvision pinned so nidl's dependencies cannot replace them).
 
-Our configuration: Primus/Eva's RoPE needs head_dim/1.5 to be a multiple of 4, so nidl's width
-256 with 8 heads cannot be built; we use width 288 with 8 heads (head_dim 36, RoPE 24): more
-compute than nidl's encoder, the conservative choice. Predictor 256 × 6 with 8 heads, as nidl.
+Our configurations (both the real nnssl code path: Primus token encoder, sampler, predictor,
+fused AdamW with the schedules, EMA; predictor 256 × 6 with 8 heads, as nidl):
+- "matched" (the headline): nidl's encoder architecture, width 256, depth 6, 8 heads, learned
+  absolute position embedding and no RoPE (nidl has none). Primus's SwiGLU MLP (ratio 8/3) costs
+  what nidl's GELU MLP (ratio 4) costs.
+- "primus_rope": Primus's default position scheme, learned absolute + 3D RoPE. Eva's RoPE needs
+  head_dim/1.5 to be a multiple of 4, so width 256 with 8 heads cannot be built; width 288
+  (head_dim 36, RoPE 24): more compute than nidl's encoder.
 
     python benchmarks/ijepa_step.py [--batch-sizes 4 16] [--threads 2] [--ours-only]
 """
@@ -25,6 +30,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from collections.abc import Callable
 
 import torch
 
@@ -36,11 +42,17 @@ NIDL_PINS = ["torch==2.14.1", "torchvision==0.29.1", "nidl==0.0.2"]
 SPEEDUP_TARGET = 2.5
 
 OUR_CONFIG = {
-    "input": 64, "patch": 8, "width": 288, "depth": 6, "heads": 8,
+    "input": 64, "patch": 8, "width": 256, "depth": 6, "heads": 8, "rope": False,
     "predictor_width": 256, "predictor_depth": 6, "predictor_heads": 8, "num_targets": 4,
     "context_scale": (0.85, 1.0), "target_scale": (0.15, 0.2),
-    "note": "width 288 (not 256): Eva RoPE needs head_dim/1.5 % 4 == 0; 288/8 = 36 -> rope 24",
+    "note": "nidl's encoder architecture: width 256, learned absolute positions, no RoPE",
 }
+PRIMUS_ROPE_CONFIG = {
+    **OUR_CONFIG, "width": 288, "rope": True,
+    "note": "Primus default positions (absolute + RoPE); width 288 (not 256): Eva RoPE needs "
+            "head_dim/1.5 % 4 == 0; 288/8 = 36 -> rope 24",
+}
+CONFIGS = {"matched": OUR_CONFIG, "primus_rope": PRIMUS_ROPE_CONFIG}
 
 
 def build_ours(config: dict = OUR_CONFIG, total_steps: int = 1000):
@@ -54,10 +66,11 @@ def build_ours(config: dict = OUR_CONFIG, total_steps: int = 1000):
 
     kwargs = primus_arch_kwargs("Tiny", input_channels=1, patch_size=(config["patch"],) * 3,
                                 input_shape=(config["input"],) * 3)
-    kwargs.update(embed_dim=config["width"], eva_depth=config["depth"], eva_numheads=config["heads"])
+    kwargs.update(embed_dim=config["width"], eva_depth=config["depth"], eva_numheads=config["heads"],
+                  use_rot_pos_emb=config.get("rope", True))
     kwargs["patch_embed_size"] = tuple(kwargs["patch_embed_size"])
     kwargs["input_shape"] = tuple(kwargs["input_shape"])
-    encoder = PrimusTokenEncoder(Primus(**kwargs))
+    encoder = PrimusTokenEncoder(Primus(**kwargs), grid=(config["input"] // config["patch"],) * 3)
     method = IJEPA(encoder, IJEPAConfig(predictor_width=config["predictor_width"],
                                         predictor_depth=config["predictor_depth"],
                                         predictor_heads=config["predictor_heads"]))
@@ -107,6 +120,22 @@ def ours_side(batch_sizes: list[int], warmup: int, timed: int, config: dict = OU
     return results
 
 
+def matmul_ceiling(threads: int, n: int = 2048, repeats: int = 5) -> float:
+    """This CPU's fp32 GEMM rate at `threads` threads (best of `repeats` n×n×n products), the
+    roof both sides' GFLOP/s are bounded by."""
+    import time
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e9
+
+
 def nidl_python() -> Path:
     """nidl venv's python, creating the venv (pinned torch/torchvision) when it is missing."""
     venv = Path(os.environ.get("NNSSL_NIDL_VENV") or HERE / ".nidl-venv")
@@ -125,9 +154,10 @@ def nidl_side(batch_sizes: list[int], threads: int, warmup: int, timed: int) -> 
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _ours_subprocess(batch_sizes: list[int], threads: int, warmup: int, timed: int, precision: str) -> dict:
+def _ours_subprocess(batch_sizes: list[int], threads: int, warmup: int, timed: int, precision: str,
+                     config: str = "matched") -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--ours-only", "--threads", str(threads),
-           "--warmup", str(warmup), "--timed", str(timed), "--precision", precision,
+           "--warmup", str(warmup), "--timed", str(timed), "--precision", precision, "--config", config,
            "--batch-sizes", *map(str, batch_sizes)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -154,21 +184,36 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--timed", type=int, default=3)
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="with --ours-only")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="matched", help="with --ours-only")
     parser.add_argument("--ours-only", action="store_true", help="time our side in this process only")
     args = parser.parse_args()
     if args.ours_only:
         torch.set_num_threads(args.threads)
         print(json.dumps({"per_batch": ours_side(args.batch_sizes, args.warmup, args.timed,
-                                                 precision=args.precision)}))
+                                                 config=CONFIGS[args.config], precision=args.precision)}))
         return 0
-    # each side in its own fresh process, one after the other: ours fp32, nidl (fp32), ours bf16
-    ours = _ours_subprocess(args.batch_sizes, args.threads, args.warmup, args.timed, "fp32")["per_batch"]
-    nidl = nidl_side(args.batch_sizes, args.threads, args.warmup, args.timed)["per_batch"]
-    ours_bf16 = _ours_subprocess(args.batch_sizes, args.threads, args.warmup, args.timed, "bf16")["per_batch"]
+    # each side in its own fresh process, one after the other: ours matched fp32, nidl (fp32),
+    # ours Primus-RoPE fp32, ours matched bf16
+    # (bf16 only where oneDNN runs it natively: emulated bf16 is ~100x slower than fp32)
+    common = (args.batch_sizes, args.threads, args.warmup, args.timed)
+
+    def side(name: str, run: Callable[[], dict]) -> dict:
+        out = run()["per_batch"]
+        print(f"{name}: " + json.dumps({bs: round(r["samples_per_s"], 3) for bs, r in out.items()})
+              + " samples/s", file=sys.stderr, flush=True)
+        return out
+
+    ours = side("ours matched fp32", lambda: _ours_subprocess(*common, "fp32"))
+    nidl = side("nidl fp32", lambda: nidl_side(*common))
+    ours_rope = side("ours primus_rope fp32", lambda: _ours_subprocess(*common, "fp32", "primus_rope"))
+    from nnssl.training.loop import cpu_has_native_bf16
+
+    native_bf16 = cpu_has_native_bf16()
+    ours_bf16 = side("ours matched bf16", lambda: _ours_subprocess(*common, "bf16")) if native_bf16 else None
     fp32 = _compare(ours, nidl, args.batch_sizes)
-    bf16 = _compare(ours_bf16, nidl, args.batch_sizes)
     result = {
-        "config": {"ours": OUR_CONFIG, "nidl": NIDL_CONFIG, "threads": args.threads, "device": "cpu",
+        "config": {"ours": OUR_CONFIG, "ours_primus_rope": PRIMUS_ROPE_CONFIG, "nidl": NIDL_CONFIG,
+                   "threads": args.threads, "device": "cpu", "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                    "dtype": "nidl fp32; ours fp32 (headline) and bf16 autocast (`--precision bf16`)",
                    "warmup_steps": args.warmup, "timed_steps": args.timed,
                    "nidl_driver": "plain loop over nidl's pieces (masker, encoders, predictor, loss, "
@@ -177,7 +222,10 @@ def main() -> int:
                             "CPU flash-attention kernel; optimizer and EMA excluded (O(params))"},
         **fp32,
         "gflops_per_s_nidl": max(nidl[str(b)]["gflops_per_s"] for b in args.batch_sizes),
-        "bf16": bf16,
+        "primus_rope": _compare(ours_rope, nidl, args.batch_sizes),
+        "bf16": (_compare(ours_bf16, nidl, args.batch_sizes) if ours_bf16 is not None else
+                 "skipped: this CPU has no native bf16 (AVX-512 BF16 / AMX); emulated bf16 is ~100x slower"),
+        "fp32_matmul_ceiling_gflops_per_s": matmul_ceiling(args.threads),
     }
     print(json.dumps(result, indent=1))
     return 0

@@ -7,6 +7,7 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -29,11 +30,12 @@ def _load_benchmark():
         sys.path.remove(str(BENCH))
 
 
-def test_ours_side_tiny_reports_consistent_numbers():
+@pytest.mark.parametrize("rope", [True, False], ids=["primus_rope", "matched_no_rope"])
+def test_ours_side_tiny_reports_consistent_numbers(rope):
     bench = _load_benchmark()
     threads = torch.get_num_threads()
     try:
-        result = bench.ours_side([2], warmup=1, timed=2, config=TINY)
+        result = bench.ours_side([2], warmup=1, timed=2, config={**TINY, "rope": rope})
     finally:
         torch.set_num_threads(threads)
     r = result["2"]

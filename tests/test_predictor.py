@@ -121,6 +121,32 @@ def test_p5_one_shared_mask_token_receives_gradient():
     assert "pos_embed" not in dict(pred.named_parameters()) and "pos_embed" not in pred.state_dict()
 
 
+def test_last_block_computing_only_the_queries_equals_the_full_block():
+    """The last block skips the context tokens' outputs (never read): same values and gradients
+    as running the full block and slicing the queries."""
+    pred = _predictor(depth=2).train()
+    masks = _masks(3)
+    m, b, kt = masks.targets.shape
+    context = torch.randn(b, masks.context.shape[1], E, requires_grad=True)
+
+    def full(ctx):  # the unpruned reference: every block on every token, then slice
+        x = pred.embed(ctx) + F.embedding(masks.context, pred.pos_embed)
+        q = F.embedding(masks.targets.reshape(m * b, kt), pred.pos_embed) + pred.mask_token
+        x = torch.cat([x.repeat(m, 1, 1), q], dim=1)
+        for block in pred.blocks:
+            x = block(x)
+        return pred.head(pred.norm(x[:, -kt:]))
+
+    fast = pred(context, masks.context, masks.targets)
+    slow = full(context)
+    assert torch.allclose(fast, slow, atol=1e-5)
+    weights = torch.randn_like(fast)
+    grads_fast = torch.autograd.grad((fast * weights).sum(), [context, *pred.parameters()])
+    grads_slow = torch.autograd.grad((slow * weights).sum(), [context, *pred.parameters()])
+    for g_fast, g_slow in zip(grads_fast, grads_slow):
+        assert torch.allclose(g_fast, g_slow, atol=1e-5)
+
+
 def test_init_is_ijepa_effective_init():
     torch.manual_seed(0)
     pred = JEPAPredictor((8, 8, 8), 256, width=384, depth=2, num_heads=12)

@@ -64,12 +64,26 @@ class PredictorBlock(nn.Module):
         self.fc1 = nn.Linear(width, hidden)
         self.fc2 = nn.Linear(hidden, width)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, outputs_from: int = 0) -> torch.Tensor:
+        """x [B, n, C] -> [B, n - outputs_from, C]: the outputs of tokens outputs_from.. only.
+
+        Every token still serves as a key and value, so the kept outputs are exactly those of the
+        full block; the dropped tokens skip their query, attention row, projection and MLP. The
+        predictor's last block uses this: only the queries' outputs are read, and the context
+        tokens are ~70% of each sequence (about a tenth of the predictor's FLOPs saved)."""
         b, n, c = x.shape
-        qkv = self.qkv(self.norm1(x)).reshape(b, n, 3, self.num_heads, c // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                    # [B, H, n, d] each
+        heads, d = self.num_heads, c // self.num_heads
+        h = self.norm1(x)
+        if outputs_from == 0:
+            q, k, v = self.qkv(h).reshape(b, n, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, n, d]
+        else:
+            x = x[:, outputs_from:]
+            q = F.linear(h[:, outputs_from:], self.qkv.weight[:c], self.qkv.bias[:c])
+            q = q.reshape(b, -1, heads, d).transpose(1, 2)
+            kv = F.linear(h, self.qkv.weight[c:], self.qkv.bias[c:])
+            k, v = kv.reshape(b, n, 2, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
         a = F.scaled_dot_product_attention(q, k, v)
-        x = x + self.proj(a.transpose(1, 2).reshape(b, n, c))
+        x = x + self.proj(a.transpose(1, 2).reshape(b, -1, c))
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
 
@@ -127,6 +141,9 @@ class JEPAPredictor(nn.Module):
         queries = F.embedding(target_idx.reshape(m * b, kt), self.pos_embed)           # [M*B, Kt, W]
         queries = (queries + self.mask_token).to(ctx.dtype)
         x = torch.cat([ctx.repeat(m, 1, 1), queries], dim=1)  # row m*B + b: sample b, block m
-        for block in self.blocks:
+        if not self.blocks:
+            return self.head(self.norm(queries))
+        for block in self.blocks[:-1]:
             x = block(x)
-        return self.head(self.norm(x[:, -kt:]))
+        # only the queries' outputs are read: the last block computes just those (exact)
+        return self.head(self.norm(self.blocks[-1](x, outputs_from=x.shape[1] - kt)))
