@@ -86,6 +86,17 @@ def test_continue_after_finish_does_nothing_and_resume_checks_the_trainer(roots)
         train(_options(trainer=TINY.replace("3it", "4it"), continue_training=True))
 
 
+def test_bf16_on_a_cpu_without_native_bf16_warns_in_the_log_and_still_trains(roots, monkeypatch):
+    import nnssl.training.loop as loop
+
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: False)
+    trainer = "IJEPATrainer_Tiny_P32_BS2_1ep_2it"
+    outcome = train(_options(trainer=trainer, precision="bf16"))
+    assert outcome.finished
+    log = next(_fold(roots, trainer).glob("training_log_*.txt")).read_text()
+    assert "without native bf16" in log and "--precision fp32" in log
+
+
 def test_nonfinite_losses_skip_steps_then_stop_with_an_intact_checkpoint(roots, monkeypatch):
     from nnssl.methods.ijepa import IJEPA
     from nnssl.training.loop import TrainingDiverged
