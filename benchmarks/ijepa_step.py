@@ -29,8 +29,9 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -123,8 +124,6 @@ def ours_side(batch_sizes: list[int], warmup: int, timed: int, config: dict = OU
 def matmul_ceiling(threads: int, n: int = 2048, repeats: int = 5) -> float:
     """This CPU's fp32 GEMM rate at `threads` threads (best of `repeats` n×n×n products), the
     roof both sides' GFLOP/s are bounded by."""
-    import time
-
     torch.set_num_threads(threads)
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)
