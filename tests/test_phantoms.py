@@ -28,10 +28,11 @@ def _bbox_fill(mask):
 
 def test_config_reports_every_bad_value():
     with pytest.raises(InvalidInput) as e:
-        PhantomConfig(num_volumes=0, shape=(8, 64, 64), modality="PET", num_classes=9, seed=-1)
-    assert len(e.value.problems) == 5
+        PhantomConfig(num_volumes=0, shape=(8, 64, 64), modality="PET", num_classes=9, seed=-1, key_organ_scale=3)
+    assert len(e.value.problems) == 6
     text = str(e.value)
     assert "num_volumes" in text and "shape" in text and "PET" in text and "num_classes" in text
+    assert "key_organ_scale" in text
 
 
 def test_config_accepts_list_shape():
@@ -151,6 +152,19 @@ def test_four_key_organ_shapes():
             assert ndimage.label(mask)[1] == 2
         else:
             assert (_bbox_fill(mask) > 0.7) == (shape == "cuboid")
+
+
+def test_key_organ_scale_grows_only_the_key_organ():
+    """The radius factor scales the class-defining organ's volume by its cube and leaves the rest
+    of the anatomy (same random stream) where it was."""
+    base = PhantomConfig(num_volumes=4, shape=(48, 48, 48), num_classes=4, anisotropic=False, modality="MR")
+    large = PhantomConfig(**{**base.to_dict(), "shape": (48, 48, 48), "key_organ_scale": 1.5})
+    for i in range(4):
+        a, b = make_phantom(i, base), make_phantom(i, large)
+        assert a.class_label == b.class_label
+        assert (b.label_map == 2).sum() / (a.label_map == 2).sum() == pytest.approx(1.5 ** 3, rel=0.2)
+        outside = (a.label_map != 2) & (b.label_map != 2)
+        assert (a.label_map[outside] == b.label_map[outside]).all()
 
 
 def test_write_collection_bids_tree(tmp_path):

@@ -71,6 +71,8 @@ def build_phantoms_parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", choices=("MR", "CT", "mixed"), default="mixed", help="image kind")
     p.add_argument("--num_classes", type=int, default=2,
                    help="number of key-organ shapes (1-4: sphere, cuboid, rod, pair) = class labels")
+    p.add_argument("--key_organ_scale", type=float, default=1.0,
+                   help="key-organ radius factor, 0.5-2 (1.5 makes the shape, the class, easier to see)")
     p.add_argument("--isotropic", action="store_true", help="1 mm isotropic spacing instead of random anisotropic")
     p.add_argument("--no_random_orientation", action="store_true",
                    help="identity direction matrix instead of a random axis permutation/flip")
@@ -97,7 +99,7 @@ def generate_phantoms_main(argv: Sequence[str] | None = None) -> int:
         config = PhantomConfig(num_volumes=args.num_volumes, shape=tuple(args.shape), modality=args.modality,
                                anisotropic=not args.isotropic, random_orientation=not args.no_random_orientation,
                                anatomy_masks=not args.no_anatomy_masks, num_classes=args.num_classes,
-                               seed=args.seed)
+                               key_organ_scale=args.key_organ_scale, seed=args.seed)
         if args.dataset_id is not None:  # fail on a bad id/name or a missing nnssl_raw before the work
             from nnssl.paths import dataset_folder_name, nnssl_raw
 
