@@ -100,6 +100,29 @@ def test_primus_checkpoint_gives_the_source_encoders_tokens(tmp_path):
     assert not any(p.requires_grad for p in encoder.network.parameters()) and not encoder.network.training
 
 
+def test_layer_readout_concatenates_every_depth_and_ends_with_the_final_tokens(tmp_path):
+    path = tmp_path / "checkpoint_final.pth"
+    primus, _ = write_primus_checkpoint(path)
+    encoder = load_pretrained_encoder(path)
+    x = torch.randn(2, 1, 32, 32, 32)
+    layers = encoder.layers(x)
+    depth = len(primus.eva.blocks)
+    assert len(layers) == depth + 2 and all(t.shape == (2, 64, 96) for t in layers)
+    torch.testing.assert_close(layers[-1], encoder.tokens(x))
+    tokens = PrimusTokenEncoder(primus.eval())
+    with torch.no_grad():
+        torch.testing.assert_close(layers[0], tokens.embed(x))  # patch embedding + positions
+        torch.testing.assert_close(layers[1], primus.eva.blocks[0](tokens.embed(x), rope=tokens.rope_for(None)))
+    pooled = encoder.layer_pooled(x)
+    assert pooled.shape == (2, 96 * (depth + 2))
+    torch.testing.assert_close(pooled[:, -96:], encoder.pooled(x))
+
+    resenc = load_pretrained_encoder(write_resenc_checkpoint(tmp_path / "r.pth") and tmp_path / "r.pth")
+    stages = resenc.layers(torch.randn(1, 1, 64, 64, 64))
+    assert [t.shape[-1] for t in stages] == list(resenc.network.encoder.output_channels)
+    assert resenc.layer_pooled(torch.randn(1, 1, 64, 64, 64)).shape == (1, sum(resenc.network.encoder.output_channels))
+
+
 def test_checkpoint_without_nnssl_backbone_is_rebuilt_from_the_adaptation_plan(tmp_path):
     """Third-party (reference nnssl) checkpoints carry only the adaptation plan."""
     path = tmp_path / "reference.pth"
@@ -281,13 +304,29 @@ def test_evaluate_end_to_end_writes_json_and_plot(tmp_path, phantom_set, capsys)
     assert "volume probe accuracy" in printed and "pretrained" in printed and str(out / "evaluation.json") in printed
 
 
+def test_evaluate_with_the_layer_readout_probes_the_concatenated_features(tmp_path, phantom_set, capsys):
+    checkpoint = tmp_path / "checkpoint_final.pth"
+    write_primus_checkpoint(checkpoint)
+    out = tmp_path / "eval"
+    assert main([str(checkpoint), "--labeled", str(phantom_set), "-o", str(out), "-num_splits", "1",
+                 "-fractions", "1", "-pooling", "layers", "--no_plot"]) == 0
+    result = json.loads((out / "evaluation.json").read_text())
+    assert result["probe_config"]["pooling"] == "layers"
+    for name in ("pretrained", "random"):
+        probe = result["encoders"][name]["volume_probe"]
+        assert probe["pooling"] == "layers" and probe["num_features"] == 96 * 4  # embedding, 2 blocks, norm
+    assert "volume probe accuracy (layers)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([str(checkpoint), "--labeled", str(phantom_set), "-pooling", "cls"])
+
+
 def test_evaluate_help_lists_every_flag(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--labeled", "-o", "-device", "-num_splits", "-test_fraction", "-C", "-fractions", "-token_label",
-                 "-max_tokens_per_case", "-seed", "-random_seed", "-batch_size", "--no_plot", "--verbose"):
+                 "-max_tokens_per_case", "-pooling", "-seed", "-random_seed", "-batch_size", "--no_plot", "--verbose"):
         assert flag in text, flag
 
 

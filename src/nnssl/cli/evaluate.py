@@ -45,7 +45,7 @@ def _device(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nnssl.evaluation.probe import ProbeConfig
+    from nnssl.evaluation.probe import POOLINGS, ProbeConfig
 
     d = ProbeConfig()
     p = make_parser("nnssl_evaluate", __doc__)
@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning curve: shares of the training cases the probes are fitted on (1 is always added)")
     p.add_argument("-token_label", choices=("centre", "majority"), default=d.token_label,
                    help="label of a token: the label-map voxel at its cell's centre, or the majority in the cell")
+    p.add_argument("-pooling", choices=POOLINGS, default=d.pooling,
+                   help="volume probe features: mean = the final tokens' mean; layers = every depth's mean "
+                        "(patch embedding, each block, final norm; ResEnc: each stage) concatenated")
     p.add_argument("-max_tokens_per_case", type=_positive_int, default=d.max_tokens_per_case,
                    help="token probe: token positions kept per case (seeded subset, same for every case)")
     p.add_argument("-seed", type=_non_negative_int, default=d.seed,
@@ -84,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from nnssl.evaluation.report import JSON_NAME, PLOT_NAME, format_summary
 
         probe = ProbeConfig(test_fraction=args.test_fraction, num_splits=args.num_splits, seed=args.seed, C=args.C,
-                            fractions=tuple(args.fractions), token_label=args.token_label,
+                            fractions=tuple(args.fractions), token_label=args.token_label, pooling=args.pooling,
                             max_tokens_per_case=args.max_tokens_per_case)
         out = args.output or args.checkpoint.absolute().parent / "evaluation"
         result = evaluate_checkpoint(args.checkpoint, args.labeled, out, probe=probe, random_seed=args.random_seed,

@@ -39,14 +39,18 @@ ENCODERS = ("pretrained", "random")
 
 @dataclass
 class Features:
-    """Per-encoder features of every case: pooled [n, E] (mean over all tokens) and the tokens
-    [n, K, E] at the `positions` kept for the token probe and the token statistics."""
+    """Per-encoder features of every case: pooled [n, E] (mean over all final tokens, for the
+    collapse statistics), the volume probe's read-out [n, F] (`ProbeConfig.pooling`; the pooled
+    features themselves for "mean") and the tokens [n, K, E] at the `positions` kept for the
+    token probe and the token statistics."""
 
     pooled: list[np.ndarray] = field(default_factory=list)
+    readout: list[np.ndarray] = field(default_factory=list)
     tokens: list[np.ndarray] = field(default_factory=list)
 
-    def stacked(self) -> tuple[np.ndarray, np.ndarray]:
-        return np.concatenate(self.pooled), np.concatenate(self.tokens)
+    def stacked(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        pooled = np.concatenate(self.pooled)
+        return pooled, np.concatenate(self.readout) if self.readout else pooled, np.concatenate(self.tokens)
 
 
 def kept_positions(num_tokens: int, limit: int, seed: int) -> np.ndarray:
@@ -58,9 +62,11 @@ def kept_positions(num_tokens: int, limit: int, seed: int) -> np.ndarray:
 
 
 def extract_features(encoders: dict[str, Any], labeled: LabeledSet, prep: Preparation, positions: np.ndarray,
-                     token_label_mode: str, batch_size: int = 4) -> tuple[dict[str, Features], np.ndarray | None]:
+                     token_label_mode: str, batch_size: int = 4,
+                     pooling: str = "mean") -> tuple[dict[str, Features], np.ndarray | None]:
     """Features of every case for each encoder, and the per-token labels [n, K] (None without
-    label maps). Volumes are prepared once per batch and shared by the encoders."""
+    label maps). Volumes are prepared once per batch and shared by the encoders; one forward
+    pass per encoder and batch serves every read-out."""
     from tqdm import tqdm
 
     features = {name: Features() for name in encoders}
@@ -73,7 +79,12 @@ def extract_features(encoders: dict[str, Any], labeled: LabeledSet, prep: Prepar
             batch = [prepare_case(case, prep) for case in cases[start:start + batch_size]]
             volumes = torch.from_numpy(np.stack([volume for volume, _ in batch]))
             for name, encoder in encoders.items():
-                tokens = encoder.tokens(volumes)
+                if pooling == "layers":
+                    layers = encoder.layers(volumes)
+                    tokens = layers[-1]
+                    features[name].readout.append(torch.cat([t.mean(1) for t in layers], dim=1).cpu().numpy())
+                else:
+                    tokens = encoder.tokens(volumes)
                 features[name].pooled.append(tokens.mean(1).cpu().numpy())
                 features[name].tokens.append(tokens[:, index.to(tokens.device)].cpu().numpy())
             if labeled.has_label_maps:
@@ -91,19 +102,21 @@ def evaluate_encoders(encoders: dict[str, Any], labeled: LabeledSet, probe: Prob
     prep = Preparation.for_encoder(first)
     positions = kept_positions(first.num_tokens, probe.max_tokens_per_case, probe.seed)
     start = time.perf_counter()
-    features, tok_labels = extract_features(encoders, labeled, prep, positions, probe.token_label, batch_size)
+    features, tok_labels = extract_features(encoders, labeled, prep, positions, probe.token_label, batch_size,
+                                            probe.pooling)
     logger.info("features of %d cases from %d encoders in %.1f s", len(labeled.cases), len(encoders),
                 time.perf_counter() - start)
     class_labels = labeled.class_labels() if labeled.has_class_labels else None
     splits = case_splits(len(labeled.cases), class_labels, probe)
     results: dict[str, Any] = {}
     for name, feats in features.items():
-        pooled, tokens = feats.stacked()
+        pooled, readout, tokens = feats.stacked()
         # pooled features average all tokens; the token statistics use the kept positions
         entry: dict[str, Any] = {"collapse": collapse_statistics(torch.from_numpy(pooled), torch.from_numpy(tokens),
                                                                  probe.max_rankme_tokens, probe.seed)}
         if class_labels is not None:
-            entry["volume_probe"] = volume_probe(pooled, class_labels, splits, probe)
+            entry["volume_probe"] = {**volume_probe(readout, class_labels, splits, probe), "pooling": probe.pooling,
+                                     "num_features": int(readout.shape[1])}
         if tok_labels is not None:
             entry["token_probe"] = token_probe(tokens, tok_labels, splits, probe)
         results[name] = entry

@@ -7,7 +7,8 @@ something):
 
 - collapse statistics (`nnssl.methods.monitors`): RankMe and feature std of the pooled volume
   embeddings and of a seeded token subsample, and the within/across cosine similarities;
-- a volume probe: logistic regression on mean-pooled features predicting `class_label`;
+- a volume probe: logistic regression on mean-pooled features predicting `class_label` (the
+  final tokens' mean, or with `pooling="layers"` every depth's mean concatenated);
 - a token probe: logistic regression on token features predicting the label-map value at each
   token (its cell's centre voxel, or the majority within the cell); scored by balanced accuracy
   as well, because background tokens dominate;
@@ -31,6 +32,10 @@ import torch
 
 from nnssl.errors import InvalidInput
 
+# what the volume probe reads: the final tokens' mean, or every depth's mean concatenated
+# (`PretrainedEncoder.layer_pooled`)
+POOLINGS = ("mean", "layers")
+
 
 @dataclass(frozen=True)
 class ProbeConfig:
@@ -40,6 +45,7 @@ class ProbeConfig:
     C: float = 0.1  # inverse L2 strength of the logistic regression (on standardised features)
     fractions: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0)  # learning curve: share of training cases
     token_label: str = "centre"  # "centre" or "majority"
+    pooling: str = "mean"  # volume probe features: "mean" (final tokens) or "layers" (every depth, concatenated)
     max_train_tokens: int = 20000  # token probe: tokens it is fitted on (seeded subsample)
     max_tokens_per_case: int = 512  # tokens kept per case for the token probe (seeded positions)
     max_rankme_tokens: int = 16384  # token RankMe subsample (the SVD grows with rows)
@@ -56,6 +62,8 @@ class ProbeConfig:
             problems.append(f"fractions must lie in (0, 1], got {list(self.fractions)}")
         if self.token_label not in ("centre", "majority"):
             problems.append(f"token_label must be 'centre' or 'majority', got {self.token_label!r}")
+        if self.pooling not in POOLINGS:
+            problems.append(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if self.max_train_tokens < 100 or self.max_rankme_tokens < 2 or self.max_tokens_per_case < 1:
             problems.append("max_train_tokens must be >= 100, max_rankme_tokens >= 2 and max_tokens_per_case >= 1")
         if problems:

@@ -17,7 +17,7 @@ from nnssl.io_utils import atomic_path, write_json
 JSON_NAME = "evaluation.json"
 PLOT_NAME = "evaluation.png"
 # (key in the encoder's results, metric plotted, panel title)
-PANELS = (("volume_probe", "accuracy", "volume label (mean-pooled features)"),
+PANELS = (("volume_probe", "accuracy", "volume label ({pooling} features)"),
           ("token_probe", "balanced_accuracy", "label map per token (balanced accuracy)"))
 
 
@@ -67,7 +67,9 @@ def plot_learning_curves(result: dict[str, Any], path: Path) -> None:
         ax.minorticks_off()
         ax.set_xlabel("fraction of labeled training cases")
         ax.set_ylabel(metric.replace("_", " "))
-        ax.set_title(title, fontsize=10)
+        pooling = {"mean": "mean-pooled", "layers": "multi-layer mean-pooled"}.get(
+            encoders["pretrained"][key].get("pooling", "mean"), "pooled")
+        ax.set_title(title.format(pooling=pooling), fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"{Path(result['checkpoint']).name}: pretrained vs random init", fontsize=10)
@@ -85,7 +87,8 @@ def format_summary(result: dict[str, Any]) -> str:
             ("token feature std", "collapse", "token_feature_std"),
             ("cosine across volumes", "collapse", "cos_across")]
     if "volume_probe" in enc["pretrained"]:
-        rows.append(("volume probe accuracy", "volume_probe", "accuracy"))
+        pooling = enc["pretrained"]["volume_probe"].get("pooling", "mean")
+        rows.append((f"volume probe accuracy ({pooling})", "volume_probe", "accuracy"))
     if "token_probe" in enc["pretrained"]:
         rows += [("token probe accuracy", "token_probe", "accuracy"),
                  ("token probe balanced acc.", "token_probe", "balanced_accuracy")]

@@ -111,6 +111,26 @@ class PretrainedEncoder:
         """[B, C, X, Y, Z] -> [B, E]: the mean over all tokens."""
         return self.tokens(volumes).mean(1)
 
+    @torch.no_grad()
+    def layer_pooled(self, volumes: torch.Tensor) -> torch.Tensor:
+        """[B, C, X, Y, Z] -> [B, F]: the multi-layer read-out, every depth mean-pooled and
+        concatenated. Primus: the patch embedding (+ positions), each block's output and the
+        final norm (F = E * (depth + 2)); ResEnc: every encoder stage's output (F = the sum of
+        the stage widths). Linear probes of frozen ViTs read several layers (DINO's and
+        I-JEPA's "last 4 layers" evaluations) because early layers keep local detail that the
+        last one, trained to predict semantics, may have averaged away."""
+        return torch.cat([t.mean(1) for t in self.layers(volumes)], dim=1)
+
+    @torch.no_grad()
+    def layers(self, volumes: torch.Tensor) -> list[torch.Tensor]:
+        """Features at every depth as token tensors [B, N_l, E_l] (float32), the last one being
+        `tokens(volumes)`: Primus's embedding, blocks and final norm (all [B, N, E]); ResEnc's
+        stage outputs, each flattened in C order."""
+        x = self._check(volumes)
+        if self.family == "primus":
+            return [t.float() for t in self._tokens.layer_outputs(x)]
+        return [s.flatten(2).transpose(1, 2).float() for s in self.network.encoder(x)]
+
 
 def _family(network: nn.Module) -> str:
     from dynamic_network_architectures.architectures.primus import Primus

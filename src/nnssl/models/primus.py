@@ -192,9 +192,11 @@ class PrimusTokenEncoder(nn.Module):
     # ---- transformer -------------------------------------------------------------------------
 
     def run_blocks(self, tokens: torch.Tensor, keep: torch.Tensor | None,
-                   attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                   attn_mask: torch.Tensor | None = None, layers: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Eva blocks + final norm on `tokens` [B, K, E] that sit at `keep` [B, K] (None: all N
-        in order). `attn_mask` ([B, 1, K, K] bool, True = may attend) is for tests (E7)."""
+        in order). `attn_mask` ([B, 1, K, K] bool, True = may attend) is for tests (E7). With a
+        list `layers`, every block's output (register tokens stripped) is appended to it, for
+        multi-layer read-outs."""
         eva = self.primus.eva
         rope = self.rope_for(keep)
         x = eva.pos_drop(tokens)
@@ -208,11 +210,21 @@ class PrimusTokenEncoder(nn.Module):
                 x = checkpoint(block, x, rope=rope, attn_mask=attn_mask, use_reentrant=False)
             else:
                 x = block(x, rope=rope, attn_mask=attn_mask)
+            if layers is not None:
+                layers.append(x[:, npt:])
         return eva.norm(x[:, npt:])
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, C, X, Y, Z]; keep int64 [B, K] or None (all N tokens) -> [B, K, E]."""
         return self.run_blocks(self.embed(x, keep), keep)
+
+    def layer_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """All N tokens at every depth: [embedding + positions, block 1, ..., block D, final
+        norm], each [B, N, E] - the multi-layer read-out of frozen-feature evaluation."""
+        tokens = self.embed(x)
+        layers = [tokens]
+        layers.append(self.run_blocks(tokens, None, layers=layers))
+        return layers
 
     # ---- layout and weights ------------------------------------------------------------------
 
