@@ -23,6 +23,14 @@ def test_suffixes_in_any_order():
     assert a.to_dict() | {"trainer_name": ""} == b.to_dict() | {"trainer_name": ""}
 
 
+def test_learning_rate_suffix_sets_the_peak_lr_in_any_notation():
+    assert resolve_trainer("IJEPATrainer_Tiny_lr1e-3").config.peak_lr == 1e-3
+    assert resolve_trainer("IJEPATrainer_lr0.0005_BS4").config.peak_lr == 5e-4
+    assert resolve_trainer("IJEPATrainer_Tiny").config.peak_lr == 3e-4  # the default without the suffix
+    schedule = resolve_trainer("IJEPATrainer_Tiny_lr2e-3_1ep_100it").config.schedule_config()
+    assert schedule.peak_lr == 2e-3
+
+
 def test_batch_size_suffix_is_honoured():
     # the reference had subclasses that silently ignored their batch size
     assert resolve_trainer("IJEPATrainer_BS16").config.batch_size == 16
@@ -36,6 +44,9 @@ def test_batch_size_suffix_is_honoured():
     ("IJEPATrainer_PrimusM_PrimusL", "two backbones"),
     ("IJEPATrainer_P20", "multiple of the token size"),
     ("IJEPATrainer_BS0", "batch_size must be at least 1"),
+    ("IJEPATrainer_lr1e-3_lr2e-3", "lr<X> twice"),
+    ("IJEPATrainer_lr0", "peak_lr must be positive"),
+    ("IJEPATrainer_lr-1", "unknown suffix 'lr-1'"),
 ])
 def test_bad_names_explain_and_list_valid_ones(bad, needle):
     with pytest.raises(UnknownTrainer) as e:

@@ -15,6 +15,7 @@ Grammar (case-sensitive, separated by `_`):
 | `<N>ep`         | number of epochs                          | `_1000ep` |
 | `<N>it`         | iterations (optimizer steps) per epoch    | `_250it` |
 | `P<N>`          | cubic patch size in voxels                | `_P160` |
+| `lr<X>`         | peak learning rate (a float)              | `_lr1e-3` |
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ _NUMERIC_SUFFIXES: dict[str, tuple[re.Pattern[str], str]] = {
     "iterations_per_epoch": (re.compile(r"^(\d+)it$"), "<N>it"),
     "patch_size": (re.compile(r"^P(\d+)$"), "P<N>"),
 }
+# a decimal or scientific float: lr0.001, lr1e-3, lr3.5e-4 (no sign: learning rates are positive)
+_LR_SUFFIX = re.compile(r"^lr(\d+(?:\.\d+)?(?:e-?\d+)?)$")
 
 
 class UnknownTrainer(NnsslError):
@@ -58,6 +61,7 @@ def grammar_help() -> str:
         "  <N>ep            epochs (e.g. 1000ep)",
         "  <N>it            iterations per epoch (e.g. 250it)",
         "  P<N>             cubic patch size in voxels, a multiple of 8 (e.g. P160)",
+        "  lr<X>            peak learning rate (e.g. lr1e-3, lr0.0005)",
         "Examples: IJEPATrainer, IJEPATrainer_BS8, IJEPATrainer_PrimusL_BS16_500ep,",
         "          IJEPATrainer_Tiny_P32_BS2_2ep_5it (trains on a CPU in seconds)",
     ]
@@ -72,11 +76,18 @@ def resolve_trainer(name: str) -> TrainerSpec:
         raise UnknownTrainer(f"unknown trainer method {method!r} in {name!r}.\n{grammar_help()}")
     backbone: str | None = None
     numbers: dict[str, int] = {}
+    floats: dict[str, float] = {}
     for part in parts[1:]:
         if part in BACKBONES:
             if backbone is not None:
                 raise UnknownTrainer(f"{name!r} names two backbones ({backbone}, {part}); pick one")
             backbone = part
+            continue
+        lr = _LR_SUFFIX.match(part)
+        if lr:
+            if "peak_lr" in floats:
+                raise UnknownTrainer(f"{name!r} gives lr<X> twice")
+            floats["peak_lr"] = float(lr.group(1))
             continue
         for field_name, (pattern, label) in _NUMERIC_SUFFIXES.items():
             m = pattern.match(part)
@@ -93,7 +104,7 @@ def resolve_trainer(name: str) -> TrainerSpec:
         p = numbers.pop("patch_size")
         numbers_patch = (p, p, p)
         config = replace(config, patch_size=numbers_patch)
-    config = replace(config, trainer_name=name, **numbers)
+    config = replace(config, trainer_name=name, **numbers, **floats)
     problems = config.problems()
     if problems:
         raise UnknownTrainer(f"trainer {name!r} resolves to an invalid configuration:\n"
