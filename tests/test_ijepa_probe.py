@@ -39,10 +39,8 @@ from nnssl.data.phantoms import PhantomConfig, make_phantom
 from nnssl.evaluation.labeled import centre_crop_or_pad
 from nnssl.evaluation.probe import ProbeConfig, case_splits, volume_probe
 from nnssl.export.features import PretrainedEncoder, random_encoder_like
-from nnssl.methods.factory import build_method
-from nnssl.methods.schedules import lr_at, momentum_at, wd_at
 from nnssl.preprocessing import steps
-from nnssl.training.registry import resolve_trainer
+from nnssl.training.in_memory import pretrain_in_memory
 
 PATCH = 32
 PHANTOM = (48, 48, 48)
@@ -68,38 +66,9 @@ def _volumes(num: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def pretrain(volumes: np.ndarray, steps_: int = STEPS, seed: int = 0):
-    """The Tiny I-JEPA of the training registry, trained with the method API's loop."""
-    torch.set_num_threads(1)  # several tests share the CPU; one thread is also deterministic
-    config = resolve_trainer(f"IJEPATrainer_Tiny_P{PATCH}").config
-    config = dataclasses.replace(config, batch_size=8, num_epochs=1, iterations_per_epoch=steps_, seed=seed)
-    method = build_method(config)
-    method.train()
-    schedule = config.schedule_config()
-    optimizer = torch.optim.AdamW(method.parameter_groups(wd_at(0, schedule)), lr=lr_at(0, schedule),
-                                  betas=config.betas)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    data = torch.from_numpy(volumes)
-    rng = np.random.default_rng(seed)
-    side = volumes.shape[-1]
-    for step in range(steps_):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, schedule)
-            if group.get("apply_wd"):
-                group["weight_decay"] = wd_at(step, schedule)
-        crops = []
-        for i in rng.integers(0, len(data), config.batch_size):
-            x, y, z = rng.integers(0, side - PATCH + 1, 3)
-            crop = data[i, :, x:x + PATCH, y:y + PATCH, z:z + PATCH]
-            flips = [axis + 1 for axis in range(3) if rng.random() < 0.5]
-            crops.append(crop.flip(flips) if flips else crop)
-        batch = torch.stack(crops)
-        out = method.training_output(batch, torch.zeros_like(batch, dtype=torch.bool), step)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-        optimizer.step()
-        method.after_optimizer_step(step, momentum_at(step, schedule))
-    return method
+    """The Tiny I-JEPA of the training registry, trained with the method API's loop (one thread:
+    several tests share the CPU, and one thread is deterministic)."""
+    return pretrain_in_memory(volumes, f"IJEPATrainer_Tiny_P{PATCH}", steps_, batch_size=8, seed=seed, threads=1)
 
 
 def probe_accuracies(method, probe_volumes: np.ndarray, labels: np.ndarray) -> dict[str, float]:
