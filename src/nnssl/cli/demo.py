@@ -15,16 +15,23 @@ from nnssl.cli.common import add_verbose, make_parser, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from nnssl.demo import DemoConfig
+
+    d = DemoConfig()
     p = make_parser("nnssl_demo", __doc__.splitlines()[0])
     p.add_argument("-o", "--folder", type=Path, default=Path("nnssl_demo"),
                    help="folder for the demo's nnssl_raw / nnssl_preprocessed / nnssl_results and labeled phantoms")
-    p.add_argument("--minutes", type=float, default=4.0, help="training time budget in minutes (CPU)")
-    p.add_argument("-n", "--num_volumes", type=int, default=24, help="number of phantom volumes to pretrain on")
-    p.add_argument("--eval_volumes", type=int, default=48, help="number of labeled phantoms for the probe")
-    p.add_argument("--shape", type=int, nargs=3, default=(48, 48, 48), metavar=("X", "Y", "Z"),
+    p.add_argument("--minutes", type=float, default=d.train_minutes,
+                   help="training time budget in minutes (CPU); training stops earlier at --steps")
+    p.add_argument("--steps", type=int, default=d.max_steps,
+                   help="training steps when the budget allows that many (the probe margin was measured at "
+                        f"{d.max_steps})")
+    p.add_argument("-n", "--num_volumes", type=int, default=d.num_volumes, help="number of phantom volumes to pretrain on")
+    p.add_argument("--eval_volumes", type=int, default=d.eval_volumes, help="number of labeled phantoms for the probe")
+    p.add_argument("--shape", type=int, nargs=3, default=d.shape, metavar=("X", "Y", "Z"),
                    help="phantom field of view in mm (voxels at 1 mm)")
-    p.add_argument("--patch", type=int, default=32, help="pretraining patch size (cubic, multiple of 8)")
-    p.add_argument("--batch", type=int, default=4, help="pretraining batch size")
+    p.add_argument("--patch", type=int, default=d.patch_size, help="pretraining patch size (cubic, multiple of 8)")
+    p.add_argument("--batch", type=int, default=d.batch_size, help="pretraining batch size")
     p.add_argument("-d", "--dataset", default=None,
                    help="use your own dataset (id or DatasetXXX_Name under your $nnssl_raw, with $nnssl_preprocessed "
                         "and $nnssl_results set) instead of phantoms; evaluation then needs --labeled")
@@ -32,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-np", type=int, default=2, dest="num_processes", help="worker processes")
     p.add_argument("--seed", type=int, default=0, help="seed for the phantoms")
     p.add_argument("--quick", action="store_true",
-                   help="a shortened run (CI, smoke test): 12 volumes of 40³, 48 labeled, 20 s of training")
+                   help="a shortened run (CI, smoke test): 12 volumes of 40³, 48 labeled, 20 s of training; too "
+                        "short and too small a probe to show a margin")
     add_verbose(p)
     return p
 
@@ -41,12 +49,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body(args: argparse.Namespace) -> int:
         from nnssl.demo import DemoConfig, run_demo
 
-        settings = dict(folder=args.folder, num_volumes=args.num_volumes, shape=tuple(args.shape),
-                        seed=args.seed, num_processes=args.num_processes, train_minutes=args.minutes,
-                        patch_size=args.patch, batch_size=args.batch, eval_volumes=args.eval_volumes,
-                        dataset=args.dataset, labeled=args.labeled)
+        settings = {"folder": args.folder, "num_volumes": args.num_volumes, "shape": tuple(args.shape),
+                    "seed": args.seed, "num_processes": args.num_processes, "train_minutes": args.minutes,
+                    "max_steps": args.steps, "patch_size": args.patch, "batch_size": args.batch,
+                    "eval_volumes": args.eval_volumes, "dataset": args.dataset, "labeled": args.labeled}
         if args.quick:
-            settings.update(num_volumes=12, shape=(40, 40, 40), train_minutes=1 / 3)
+            settings.update(num_volumes=12, shape=(40, 40, 40), train_minutes=1 / 3, eval_volumes=48)
         result = run_demo(DemoConfig(**settings))
         print(result.format())
         return 0
