@@ -170,7 +170,22 @@ def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120.0) -> 
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM", "SIGUSR1"])
+def test_sigterm_and_sigusr1_both_request_a_stop_and_handlers_are_restored():
+    """The two preemption signals (SLURM sends SIGUSR1 with --signal, then SIGTERM) share one
+    handler; the CLI test below drives SIGTERM end to end."""
+    from nnssl.training.loop import _StopSignals
+
+    before = signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        with _StopSignals() as stop:
+            assert stop.received is None
+            os.kill(os.getpid(), sig)
+            time.sleep(0.01)
+            assert stop.received == sig.name
+    assert (signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)) == before
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
 def test_cli_killed_or_preempted_then_continued(roots, how):
     trainer = "IJEPATrainer_Tiny_P32_BS2_8ep_2it"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
