@@ -4,7 +4,8 @@ For probe experiments and tests that pretrain many small models on the same toy 
 (`benchmarks/phantom_probe.py`, the T3 test): no preprocessing, no loader workers, no
 checkpoints. It runs the same method, optimizer groups, schedules, gradient clipping and EMA
 update as `nnssl.training.loop.Trainer`; batches are random crops of the trainer's patch size
-with random mirroring (the Tiny trainers' augmentation), drawn from a seeded generator.
+with random mirroring only, drawn from a seeded generator (the trainer's loader also zooms,
+rotates and changes intensities: the demo, which uses it, measured the same probe margin).
 """
 
 from __future__ import annotations
