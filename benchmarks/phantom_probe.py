@@ -26,7 +26,6 @@ import time
 
 import numpy as np
 
-READOUTS = ("mean", "layers")
 TRAINER = "IJEPATrainer_Tiny_P32"
 PATCH = 32
 _DATA: dict[str, np.ndarray] = {}  # set before the pool forks; read by the workers
@@ -50,13 +49,11 @@ def volumes(num: int, seed: int, side: int, key_organ_scale: float) -> tuple[np.
 
 
 def features(encoder, crops) -> dict[str, np.ndarray]:
+    """Both read-outs from one pass: the last E columns of `layers` are the final tokens' mean."""
     import torch
 
-    out = {}
-    for readout in READOUTS:
-        fn = encoder.pooled if readout == "mean" else encoder.layer_pooled
-        out[readout] = torch.cat([fn(crops[i:i + 16]) for i in range(0, len(crops), 16)]).numpy()
-    return out
+    layers = torch.cat([encoder.layer_pooled(crops[i:i + 16]) for i in range(0, len(crops), 16)]).numpy()
+    return {"mean": layers[:, -encoder.embed_dim:], "layers": layers}
 
 
 def _probe_crops():

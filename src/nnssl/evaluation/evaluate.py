@@ -69,6 +69,8 @@ def extract_features(encoders: dict[str, Any], labeled: LabeledSet, prep: Prepar
     pass per encoder and batch serves every read-out."""
     from tqdm import tqdm
 
+    from nnssl.export.features import concat_layer_means
+
     features = {name: Features() for name in encoders}
     labels: list[np.ndarray] = []
     grid = next(iter(encoders.values())).grid
@@ -82,7 +84,7 @@ def extract_features(encoders: dict[str, Any], labeled: LabeledSet, prep: Prepar
                 if pooling == "layers":
                     layers = encoder.layers(volumes)
                     tokens = layers[-1]
-                    features[name].readout.append(torch.cat([t.mean(1) for t in layers], dim=1).cpu().numpy())
+                    features[name].readout.append(concat_layer_means(layers).cpu().numpy())
                 else:
                     tokens = encoder.tokens(volumes)
                 features[name].pooled.append(tokens.mean(1).cpu().numpy())

@@ -119,7 +119,7 @@ class PretrainedEncoder:
         the stage widths). Linear probes of frozen ViTs read several layers (DINO's and
         I-JEPA's "last 4 layers" evaluations) because early layers keep local detail that the
         last one, trained to predict semantics, may have averaged away."""
-        return torch.cat([t.mean(1) for t in self.layers(volumes)], dim=1)
+        return concat_layer_means(self.layers(volumes))
 
     @torch.no_grad()
     def layers(self, volumes: torch.Tensor) -> list[torch.Tensor]:
@@ -130,6 +130,12 @@ class PretrainedEncoder:
         if self.family == "primus":
             return [t.float() for t in self._tokens.layer_outputs(x)]
         return [s.flatten(2).transpose(1, 2).float() for s in self.network.encoder(x)]
+
+
+def concat_layer_means(layers: list[torch.Tensor]) -> torch.Tensor:
+    """[B, N_l, E_l] per depth -> [B, sum E_l]: the multi-layer read-out of `layers()`' output
+    (shared with the evaluation, which gets the layers and the final tokens in one pass)."""
+    return torch.cat([t.mean(1) for t in layers], dim=1)
 
 
 def _family(network: nn.Module) -> str:
