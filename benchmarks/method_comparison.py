@@ -58,9 +58,9 @@ def _prepare(folder: Path, num_volumes: int, eval_volumes: int, shape: int) -> P
 def _flops_per_sample(trainer: str) -> int:
     """FLOPs of one forward + backward per sample (FlopCounterMode, CPU attention by formula)."""
     from nnssl.methods.factory import build_method
-    from nnssl.training.registry import resolve_trainer
+    from nnssl.training.names import resolve_config
 
-    config = resolve_trainer(trainer).config
+    config = resolve_config(trainer)
     method = build_method(config)
     x = torch.randn(BATCH, 1, *config.patch_size)
     anon = torch.zeros_like(x, dtype=torch.bool)
@@ -76,13 +76,15 @@ def _run(method: str, backbone: str, budget: float, labeled: Path, out: Path) ->
     probe_name = f"{method}_{backbone}_P{patch}_BS{BATCH}"
     from nnssl.training.budget import seconds_per_step
 
-    step_s = seconds_per_step(probe_name + "_1ep_1it")
+    from nnssl.training.names import resolve_config
+
+    step_s = seconds_per_step(resolve_config(probe_name + "_1ep_1it"))
     flops_per_sample = _flops_per_sample(probe_name + "_1ep_1it")
     steps = max(10, int(budget / step_s))
     trainer = f"{probe_name}_1ep_{steps}it"
     start = time.perf_counter()
-    outcome = train(RunOptions(trainer=trainer, device="cpu", num_workers=1, progress_bar=False,
-                               log_every=max(1, steps // 40)))
+    outcome = train(RunOptions(device="cpu", num_workers=1, progress_bar=False, log_every=max(1, steps // 40)),
+                    resolve_config(trainer))
     wall = time.perf_counter() - start
     ckpt = torch.load(outcome.checkpoint, weights_only=True)
     history = ckpt["history"]

@@ -96,17 +96,17 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--student", action="store_true", help="also probe the (not exported) student encoder")
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
-                   help="TrainingConfig overrides, e.g. peak_lr=1e-3 ema_start=0.998 (values parsed as JSON)")
+                   help="training-config overrides, e.g. optim.peak_lr=1e-3 ijepa.ema_start=0.998 (values parsed as JSON)")
     args = p.parse_args()
 
     import torch
 
     from nnssl.evaluation.probe import ProbeConfig, case_splits, volume_probe
     from nnssl.export.features import random_encoder_like
-    from nnssl.training.registry import resolve_trainer
+    from nnssl.settings import parse_assignments
+    from nnssl.training.names import resolve_config
 
-    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
-    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    overrides = parse_assignments(args.set)
     start = time.perf_counter()
     _DATA["pretrain"], _ = volumes(args.pretrain_volumes, args.pretrain_seed, args.side, args.key_organ_scale)
     _DATA["probe"], labels = volumes(args.probe_volumes, args.probe_seed, args.side, args.key_organ_scale)
@@ -117,7 +117,7 @@ def main() -> None:
     torch.set_num_threads(2)
     from nnssl.methods.factory import build_method
 
-    spec = build_method(resolve_trainer(TRAINER).config).backbone
+    spec = build_method(resolve_config(TRAINER)).backbone
     crops = _probe_crops()
     random = {s: features(random_encoder_like(spec, seed=s), crops) for s in args.random_seeds}
     config = ProbeConfig(fractions=(1.0,))

@@ -15,10 +15,10 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "phantom_probe.py"
 def test_phantom_probe_benchmark_reports_margins_per_seed_and_readout():
     done = subprocess.run([sys.executable, str(BENCH), "--seeds", "0", "1", "--random_seeds", "0", "--steps", "3",
                            "--pretrain_volumes", "8", "--probe_volumes", "16", "--side", "32", "--jobs", "2",
-                           "--set", "peak_lr=0.001"], capture_output=True, text=True, timeout=300)
+                           "--set", "optim.peak_lr=0.001"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
-    assert result["overrides"] == {"peak_lr": 0.001} and result["probe_volumes"] == 16
+    assert result["overrides"] == {"optim.peak_lr": 0.001} and result["probe_volumes"] == 16
     assert set(result["readouts"]) == {"mean", "layers"}
     for readout in result["readouts"].values():
         assert set(readout["pretrained"]) == {"0", "1"} and len(readout["random_init"]) == 1
@@ -29,6 +29,6 @@ def test_phantom_probe_benchmark_reports_margins_per_seed_and_readout():
 
 def test_phantom_probe_benchmark_rejects_an_unknown_override():
     done = subprocess.run([sys.executable, str(BENCH), "--seeds", "0", "--steps", "1", "--pretrain_volumes", "4",
-                           "--probe_volumes", "8", "--side", "32", "--set", "peak_lr=-1"],
+                           "--probe_volumes", "8", "--side", "32", "--set", "optim.peak_lr=-1"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "peak_lr" in done.stderr

@@ -68,13 +68,14 @@ def test_reads_only_the_region_the_augmentation_needs(nnssl_roots, monkeypatch):
     image = _smooth((1, 64, 64, 64))
     cases = load_cases(build_dataset(nnssl_roots.preprocessed, [{"subject": "s", "image": image}]))
     requested = []
-    real = patches.read_region
+    real = patches.crop_and_pad_nd
 
-    def recording(array, slices):
-        requested.append(int(np.prod([s.stop - s.start for s in slices[1:]])))
-        return real(array, slices)
+    def recording(array, box, **kwargs):  # the in-volume voxels that storage is asked for
+        spatial = array.shape[-3:]
+        requested.append(int(np.prod([max(0, min(b, s) - max(a, 0)) for (a, b), s in zip(box, spatial)])))
+        return real(array, box, **kwargs)
 
-    monkeypatch.setattr(patches, "read_region", recording)
+    monkeypatch.setattr(patches, "crop_and_pad_nd", recording)
     patch = (24, 24, 24)
     sampler = PatchSampler(cases, SampleSpec(patch, foreground_probability=0.0))  # default augmentation
     data, mask = np.empty((1, *patch), np.float32), np.empty((1, *patch), bool)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -18,7 +19,8 @@ def test_quick_demo_runs_every_stage_and_reports_where_everything_is(tmp_path):
                   "calibrate training budget", "pretrain I-JEPA (CPU)", "export", "evaluate against random init"):
         assert f"] {stage}:" in out, stage
     assert "Training loss (step: loss)" in out and "volume probe accuracy (layers)" in out
-    assert "60 steps" in out  # the budget would allow more: --steps caps it
+    trained = re.search(r"pretrain I-JEPA \(CPU\): (\d+) steps", out)
+    assert trained and 10 <= int(trained.group(1)) <= 60, out  # --steps caps it (a busy CPU may fit fewer)
     # 48 labeled cases are too few for a verdict (the default demo probes 480)
     assert "Pretraining beats random initialisation on the probe: too few labeled cases to tell" in out
     for name in ("checkpoint", "progress.png", "exported folder", "evaluation.json", "evaluation.png"):

@@ -9,6 +9,7 @@ import torch
 
 from downstream_nnunet import load_like_nnunet
 from nnssl.cli.export import main as export_main
+from nnssl.training.names import resolve_config
 from nnssl.training.options import RunOptions
 from nnssl.training.run import train
 
@@ -17,7 +18,7 @@ TRAINER = "IJEPATrainer_Tiny_P32_BS2_1ep_3it"
 
 @pytest.fixture
 def run_folder(roots):
-    train(RunOptions(trainer=TRAINER, device="cpu", num_workers=0, progress_bar=False))
+    train(RunOptions(device="cpu", num_workers=0, progress_bar=False), resolve_config(TRAINER))
     return roots / "Dataset900_Phantoms" / f"{TRAINER}__nnsslPlans__onemmiso"
 
 

@@ -5,7 +5,6 @@ channels, and the loaded encoder computes exactly what the I-JEPA teacher comput
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from nnssl.methods.factory import build_method
 from nnssl.models.primus import PrimusTokenEncoder
 from nnssl.planning.plans import ConfigurationPlan, Plans
 from nnssl.training.checkpoint import save_checkpoint
-from nnssl.training.registry import resolve_trainer
+from nnssl.training.names import resolve_config
 
 
 def _plans() -> Plans:
@@ -35,7 +34,7 @@ def _plans() -> Plans:
 
 def _checkpoint(trainer: str, patch: int, path: Path, steps: int = 1):
     """A method after `steps` real optimizer steps, saved with the trainer's own checkpoint fields."""
-    config = replace(resolve_trainer(trainer).config, patch_size=(patch,) * 3)
+    config = resolve_config(trainer, overrides={"patch_size": (patch,) * 3})
     method = build_method(config)
     opt = torch.optim.AdamW(method.parameter_groups(0.04), lr=1e-3)
     x = torch.randn(2, 1, patch, patch, patch)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import re
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -18,11 +17,11 @@ from downstream_nnunet import load_like_nnunet
 from nnssl.errors import InvalidInput
 from nnssl.methods.base import PretrainingMethod
 from nnssl.methods.factory import build_method
-from nnssl.methods.mae import InvalidMAEConfig, RandomMaskSampler, build_mae, masked_mse
+from nnssl.methods.mae import InvalidMAEConfig, RandomMaskSampler, masked_mse
 from nnssl.methods.mae_primus import PrimusMAE
 from nnssl.methods.mae_resenc import ResEncMAE
 from nnssl.models.resenc import build_resenc_l
-from nnssl.training.registry import resolve_trainer
+from nnssl.training.names import UnknownTrainer, resolve_config
 
 PRIMUS_SHAPE = (16, 24, 32)   # 8³ tokens: grid (2, 3, 4), 24 tokens, 18 masked
 RESENC_SHAPE = (64, 64, 32)   # 16³ blocks: grid (4, 4, 2), 32 blocks, 24 masked; bottleneck 2 x 2 x 1
@@ -33,12 +32,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # small CPU ops: threads onl
 
 def _primus(seed: int = 0) -> PrimusMAE:
     torch.manual_seed(seed)
-    return build_mae(replace(resolve_trainer("MAETrainer_Tiny").config, patch_size=PRIMUS_SHAPE))
+    return build_method(resolve_config("MAETrainer_Tiny", overrides={"patch_size": PRIMUS_SHAPE}))
 
 
 def _resenc(seed: int = 0) -> ResEncMAE:
     torch.manual_seed(seed)
-    return build_mae(replace(resolve_trainer("MAETrainer_ResEncTiny").config, patch_size=RESENC_SHAPE))
+    return build_method(resolve_config("MAETrainer_ResEncTiny", overrides={"patch_size": RESENC_SHAPE}))
 
 
 def _volumes(shape, batch: int = 2, seed: int = 0) -> torch.Tensor:
@@ -295,7 +294,7 @@ def test_bf16_autocast_keeps_the_loss_fp32(family):
     else:
         torch.manual_seed(0)
         shape = (96, 64, 64)
-        method = build_mae(replace(resolve_trainer("MAETrainer_ResEncTiny").config, patch_size=shape))
+        method = build_method(resolve_config("MAETrainer_ResEncTiny", overrides={"patch_size": shape}))
     x = _volumes(shape, batch)
     masks = method.sample_masks(batch if family == "primus" else tuple(x.shape), step=0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -361,16 +360,16 @@ def test_export_loads_strictly_into_a_fresh_downstream_network(family, tmp_path)
 
 # ---- building from trainer names, and errors ---------------------------------------------------------------
 
-@pytest.mark.parametrize("trainer, tokens", [("MAETrainer_Tiny", (16, 96)), ("MAETrainer_ResEncTiny", (8, 64))])
+@pytest.mark.parametrize("trainer, tokens", [("MAETrainer_Tiny_P32_BS2", (16, 96)),
+                                             ("MAETrainer_ResEncTiny_P64_BS2", (8, 64))])
 def test_registered_trainers_build_a_method_the_loop_can_run(trainer, tokens):
-    config = resolve_trainer(trainer).config
-    method = build_mae(config)
+    config = resolve_config(trainer)
+    method = build_method(config)
     assert isinstance(method, PretrainingMethod) and method.embed_dim == tokens[1]
-    assert type(build_method(config)) is type(method)
     x = _volumes(config.patch_size, batch=config.batch_size)
     out = method.training_output(x, torch.zeros_like(x, dtype=torch.bool), step=4, rank=1)
     assert out.monitor_tokens.shape == (config.batch_size, *tokens) and torch.isfinite(out.loss)
-    assert out.scalars["masked_fraction"] == config.mae_mask_ratio == 0.75
+    assert out.scalars["masked_fraction"] == config.mae.mask_ratio == 0.75
     again = method.training_output(x, torch.zeros_like(x, dtype=torch.bool), step=4, rank=1)
     assert torch.equal(again.loss, out.loss)                  # masks reproduced from (seed, step, rank)
     assert not torch.equal(method.training_output(x, None, step=5, rank=1).loss, out.loss)
@@ -379,16 +378,17 @@ def test_registered_trainers_build_a_method_the_loop_can_run(trainer, tokens):
     assert all(torch.equal(v, method.state_dict()[k]) for k, v in before.items())
 
 
-def test_build_mae_reports_every_problem_at_once():
-    primus = resolve_trainer("MAETrainer_Tiny").config
-    with pytest.raises(InvalidMAEConfig) as info:
-        build_mae(replace(primus, mae_mask_ratio=0.995, mae_decoder_depth=0, mae_decoder_width=4), input_channels=0)
-    assert isinstance(info.value, InvalidInput) and len(info.value.problems) == 4, info.value.problems
-    resenc = resolve_trainer("MAETrainer_ResEncTiny").config
-    with pytest.raises(InvalidMAEConfig, match="mae_block_size 24 must divide"):
-        build_mae(replace(resenc, mae_block_size=24))
-    with pytest.raises(InvalidMAEConfig, match="mae_mask_ratio"):
-        build_mae(replace(resenc, mae_mask_ratio=1.0))
+def test_mae_settings_report_every_problem_at_once():
+    with pytest.raises(UnknownTrainer) as info:
+        resolve_config("MAETrainer_Tiny", overrides={"mae.mask_ratio": 1.2, "mae.decoder_depth": 0,
+                                                     "mae.decoder_width": 4})
+    assert all(k in str(info.value) for k in ("mask_ratio", "decoder_depth", "decoder_width"))
+    with pytest.raises(InvalidMAEConfig):
+        RandomMaskSampler(1.0)
+    with pytest.raises(UnknownTrainer, match="mae.block_size 24 must divide"):
+        resolve_config("MAETrainer_ResEncTiny_P64", overrides={"mae.block_size": 24})
+    with pytest.raises(UnknownTrainer, match="at least one visible and one masked cell"):
+        resolve_config("MAETrainer_Tiny_P16", overrides={"mae.mask_ratio": 0.95})
 
 
 def test_wrong_inputs_are_refused_with_the_fix():

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import io
 import math
-from dataclasses import replace
 
 import pytest
 import torch
@@ -24,18 +23,22 @@ from torch.nn.modules.pooling import _AvgPoolNd
 
 from nnssl.errors import InvalidInput
 from nnssl.methods.ijepa import IJEPA
-from nnssl.methods.ijepa_resenc import build_ijepa_resenc
+from nnssl.methods.factory import build_method
 from nnssl.methods.masks import unflatten_index
 from nnssl.models.resenc import build_resenc_l, resenc_l_arch_kwargs
 from nnssl.models.sparse_resenc import (InvalidResEncEncoder, ResEncTokenEncoder, cell_mask, masked_instance_norm,
                                         upsample_cell_mask)
-from nnssl.training.config import TrainingConfig
+from nnssl.training.names import UnknownTrainer, resolve_config
 
 PATCH = (64, 64, 64)  # 2³ cells
 KEEP = torch.tensor([[0, 2, 3], [1, 4, 6]])  # different per sample; no axis swap maps a row onto itself
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # small CPU ops: threads only add noise
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _config():
+    return resolve_config("IJEPATrainer_ResEncTiny_BS2", overrides={"patch_size": PATCH})  # small CPU ops: threads only add noise
 
 
 def _randomise_norms(network: nn.Module) -> None:
@@ -227,7 +230,7 @@ def test_c3_voxels_outside_the_context_cells_never_reach_the_student():
 
 def test_e9_e10_through_the_method_predictions_ignore_the_targets_the_teacher_sees_them():
     torch.manual_seed(0)
-    method = build_ijepa_resenc(TrainingConfig.for_backbone("IJEPATrainer", "ResEncTiny")).eval()
+    method = build_method(_config()).eval()
     _randomise_norms(method.student.network)
     masks = method.mask_sampler(2, step=3)
     x = _volumes()
@@ -246,9 +249,8 @@ def test_e9_e10_through_the_method_predictions_ignore_the_targets_the_teacher_se
 # ---- C5: the dense teacher --------------------------------------------------------------------------
 
 def test_c5_dense_teacher_is_the_stock_encoder_and_no_sparse_state_is_left_behind():
-    config = TrainingConfig.for_backbone("IJEPATrainer", "ResEncTiny")
     torch.manual_seed(0)
-    method = build_ijepa_resenc(config)
+    method = build_method(_config())
     with torch.no_grad():
         for _, p in method.teacher.encoder_named_parameters():  # the teacher must differ from the student
             p.add_(torch.randn_like(p) * 0.05)
@@ -333,8 +335,7 @@ def test_decoder_is_frozen_and_not_an_encoder_parameter():
 
 
 def test_training_step_on_resenc_tiny_end_to_end():
-    config = TrainingConfig.for_backbone("IJEPATrainer", "ResEncTiny")
-    method = build_ijepa_resenc(config)
+    method = build_method(_config())
     assert isinstance(method, IJEPA) and method.mask_sampler.grid == (2, 2, 2)
     method.train()
     x = _volumes()
@@ -395,8 +396,5 @@ def test_errors_name_the_problem_and_the_fix():
                                                                                "track_running_stats": True}}), PATCH)
     with pytest.raises(InvalidResEncEncoder, match="BatchNorm3d has no sparse"):
         ResEncTokenEncoder(ResidualEncoderUNet(**{**kwargs, "norm_op": nn.BatchNorm3d}), PATCH)
-    config = TrainingConfig.for_backbone("IJEPATrainer", "ResEncTiny")
-    with pytest.raises(InvalidInput, match="set it to 0"):
-        build_ijepa_resenc(replace(config, drop_path_rate=0.1))
-    with pytest.raises(InvalidInput, match="build_ijepa_primus"):
-        build_ijepa_resenc(TrainingConfig.for_backbone("IJEPATrainer", "Tiny"))
+    with pytest.raises(UnknownTrainer, match="set it to 0"):
+        resolve_config("IJEPATrainer_ResEncTiny", overrides={"model.drop_path_rate": 0.1})

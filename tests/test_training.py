@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from nnssl.cli.train import main as train_main
+from nnssl.training.names import resolve_config
 from nnssl.training.options import RunOptions
 from nnssl.training.run import train
 
@@ -26,9 +27,13 @@ def _fold(results: Path, trainer: str) -> Path:
 
 
 def _options(**kwargs) -> RunOptions:
-    base = dict(trainer=TINY, device="cpu", num_workers=0, log_every=1, progress_bar=False)
+    base = dict(device="cpu", num_workers=0, log_every=1, progress_bar=False)
     base.update(kwargs)
     return RunOptions(**base)
+
+
+def _train(trainer: str = TINY, **kwargs):
+    return train(_options(**kwargs), resolve_config(trainer))
 
 
 def _load(path: Path) -> dict:
@@ -36,7 +41,7 @@ def _load(path: Path) -> dict:
 
 
 def test_run_writes_the_reference_layout_and_a_complete_checkpoint(roots):
-    outcome = train(_options())
+    outcome = _train()
     fold = _fold(roots, TINY)
     assert outcome.finished and outcome.step == 6
     for name in ("checkpoint_final.pth", "checkpoint_latest.pth", "progress.png", "training_config.json"):
@@ -59,12 +64,12 @@ def test_run_writes_the_reference_layout_and_a_complete_checkpoint(roots):
 
 
 def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(roots, tmp_path, monkeypatch):
-    full = train(_options())
+    full = _train()
     reference = _load(Path(full.checkpoint))
     monkeypatch.setenv("nnssl_results", str(tmp_path / "resumed"))
-    stopped = train(_options(stop_at_step=4))  # mid-epoch, after a validation and a checkpoint
+    stopped = _train(stop_at_step=4)  # mid-epoch, after a validation and a checkpoint
     assert not stopped.finished and stopped.stopped_by == "stop_at_step" and stopped.step == 4
-    resumed = train(_options(continue_training=True))
+    resumed = _train(continue_training=True)
     assert resumed.finished and resumed.step == 6
     again = _load(Path(resumed.checkpoint))
     assert again["history"]["train_loss"] == reference["history"]["train_loss"]
@@ -74,8 +79,8 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(roots, tmp_pat
 
 
 def test_continue_after_finish_does_nothing_and_resume_checks_the_trainer(roots):
-    train(_options())
-    again = train(_options(continue_training=True))
+    _train()
+    again = _train(continue_training=True)
     assert again.finished
     other = _fold(roots, TINY.replace("3it", "4it"))
     other.mkdir(parents=True)
@@ -83,7 +88,7 @@ def test_continue_after_finish_does_nothing_and_resume_checks_the_trainer(roots)
     from nnssl.training.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="trainer"):
-        train(_options(trainer=TINY.replace("3it", "4it"), continue_training=True))
+        _train(TINY.replace("3it", "4it"), continue_training=True)
 
 
 def test_bf16_on_a_cpu_without_native_bf16_warns_in_the_log_and_still_trains(roots, monkeypatch):
@@ -91,7 +96,7 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_in_the_log_and_still_trains(roo
 
     monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: False)
     trainer = "IJEPATrainer_Tiny_P32_BS2_1ep_2it"
-    outcome = train(_options(trainer=trainer, precision="bf16"))
+    outcome = _train(trainer, precision="bf16")
     assert outcome.finished
     log = next(_fold(roots, trainer).glob("training_log_*.txt")).read_text()
     assert "without native bf16" in log and "--precision fp32" in log
@@ -111,7 +116,7 @@ def test_nonfinite_losses_skip_steps_then_stop_with_an_intact_checkpoint(roots, 
 
     monkeypatch.setattr(IJEPA, "training_output", poisoned)
     with pytest.raises(TrainingDiverged, match="not finite for 2 consecutive steps") as e:
-        train(_options(max_nonfinite_steps=2))
+        _train(max_nonfinite_steps=2)
     assert "Dataset900_Phantoms" in str(e.value)  # names the cases
     ckpt = _load(_fold(roots, TINY) / "checkpoint_latest.pth")
     assert ckpt["step"] == 4
@@ -119,16 +124,16 @@ def test_nonfinite_losses_skip_steps_then_stop_with_an_intact_checkpoint(roots, 
 
 
 def test_pretrained_weights_warm_start_student_and_teacher(roots):
-    source = _load(Path(train(_options()).checkpoint))["network_weights"]
+    source = _load(Path(_train().checkpoint))["network_weights"]
     other = TINY.replace("2ep", "1ep")
-    start = train(_options(trainer=other, pretrained_weights=_fold(roots, TINY) / "checkpoint_final.pth",
-                           stop_at_step=0))
+    start = _train(other, pretrained_weights=_fold(roots, TINY) / "checkpoint_final.pth",
+                           stop_at_step=0)
     state = _load(Path(start.checkpoint))["method_state"]
     for key, value in source.items():
         assert torch.equal(state["student.primus." + key], value) and torch.equal(state["teacher.primus." + key], value)
 
 
-def _spawned_rank_dumps_state(options: RunOptions, out: str) -> None:
+def _spawned_rank_dumps_state(options: RunOptions, config, out: str) -> None:
     """A DDP rank that trains, then saves its own copy of the method state."""
     from nnssl.training import loop, run
 
@@ -141,18 +146,18 @@ def _spawned_rank_dumps_state(options: RunOptions, out: str) -> None:
 
     loop.Trainer.run = run_and_dump
     torch.set_num_threads(1)
-    run._spawned_rank(options)
+    run._spawned_rank(options, config)
 
 
 def test_two_cpu_processes_match_each_other_and_one_process(roots, tmp_path):
     from nnssl.training.distributed import spawn_local
 
     trainer = "IJEPATrainer_Tiny_P32_BS4_1ep_3it"
-    spawn_local(_spawned_rank_dumps_state, 2, (_options(trainer=trainer), str(tmp_path)))
+    spawn_local(_spawned_rank_dumps_state, 2, (_options(), resolve_config(trainer), str(tmp_path)))
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert all(torch.equal(v, rank1[k]) for k, v in rank0.items())  # student, teacher, predictor
     os.environ["nnssl_results"] = str(tmp_path / "single")
-    single = _load(Path(train(_options(trainer=trainer)).checkpoint))["method_state"]
+    single = _load(Path(_train(trainer).checkpoint))["method_state"]
     for key, value in single.items():
         assert torch.allclose(value, rank0[key], rtol=1e-4, atol=1e-5), key
 
@@ -237,9 +242,9 @@ def test_every_method_and_backbone_trains_resumes_and_exports(roots, trainer, tm
     from downstream_nnunet import load_like_nnunet
     from nnssl.export.share import export
 
-    stopped = train(_options(trainer=trainer, stop_at_step=1))
+    stopped = _train(trainer, stop_at_step=1)
     assert stopped.step == 1 and not stopped.finished
-    done = train(_options(trainer=trainer, continue_training=True))
+    done = _train(trainer, continue_training=True)
     assert done.finished and done.step == 2
     shared = export(_fold(roots, trainer).parent, tmp_path / "shared")
     ckpt = torch.load(shared.folder / "checkpoint_final.pth", weights_only=True)

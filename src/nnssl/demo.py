@@ -266,8 +266,8 @@ def _train(config: DemoConfig, dataset: str, result: DemoResult) -> str:
     import torch
 
     from nnssl.training.budget import steps_for_budget
+    from nnssl.training.names import resolve_config
     from nnssl.training.options import RunOptions
-    from nnssl.training.registry import resolve_trainer
     from nnssl.training.run import train
 
     base = f"IJEPATrainer_Tiny_P{config.patch_size}_BS{config.batch_size}_lr{config.peak_lr:g}"
@@ -276,7 +276,7 @@ def _train(config: DemoConfig, dataset: str, result: DemoResult) -> str:
     def calibrate() -> str:
         # the loop adds loading, validation, monitors and checkpoints to the pure step time (~35%
         # measured on the default demo)
-        fit = steps_for_budget(base + "_1ep_1it", 60.0 * config.train_minutes, overhead_fraction=0.35)
+        fit = steps_for_budget(resolve_config(base + "_1ep_1it"), 60.0 * config.train_minutes, overhead_fraction=0.35)
         steps = min(fit, config.max_steps)
         epochs = min(10, steps)
         holder["trainer"] = f"{base}_{epochs}ep_{max(1, steps // epochs)}it"
@@ -292,9 +292,9 @@ def _train(config: DemoConfig, dataset: str, result: DemoResult) -> str:
     trainer = holder["trainer"]
 
     def run() -> str:
-        steps = resolve_trainer(trainer).config.total_steps
-        outcome = train(RunOptions(dataset=dataset, trainer=trainer, device="cpu", num_workers=1,
-                                   log_every=max(10, steps // 40)))
+        run_config = resolve_config(trainer)
+        outcome = train(RunOptions(dataset=dataset, device="cpu", num_workers=1,
+                                   log_every=max(10, run_config.total_steps // 40)), run_config)
         ckpt = torch.load(outcome.checkpoint, weights_only=True)
         result.loss_curve = ckpt["history"].get("train_loss", [])
         result.val_curve = ckpt["history"].get("val_loss", [])

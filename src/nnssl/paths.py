@@ -124,6 +124,3 @@ def raw_dataset_dir(dataset: str | int) -> Path:
 def preprocessed_dataset_dir(dataset: str | int) -> Path:
     return nnssl_preprocessed() / resolve_dataset_name(dataset, (PREPROCESSED, RAW))
 
-
-def results_dataset_dir(dataset: str | int) -> Path:
-    return nnssl_results() / resolve_dataset_name(dataset, (RESULTS, PREPROCESSED, RAW))

@@ -88,6 +88,8 @@ def preprocess_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("-np", type=int, default=4, dest="num_processes", help="worker processes")
     p.add_argument("-part", type=int, default=0, help="this machine's shard (0-based)")
     p.add_argument("-total_parts", type=int, default=1, help="number of shards")
+    p.add_argument("-p", "-plans_name", dest="plans", default="nnsslPlans",
+                   help="plans identifier: preprocess with $nnssl_preprocessed/DatasetXXX_Name/<plans>.json")
     add_verbose(p)
 
     def body(a: argparse.Namespace) -> int:
@@ -95,7 +97,7 @@ def preprocess_main(argv: Sequence[str] | None = None) -> int:
 
         outcomes = []
         for d in a.datasets:
-            outcomes += preprocess(d, tuple(a.configurations), a.num_processes, a.part, a.total_parts)
+            outcomes += preprocess(d, tuple(a.configurations), a.num_processes, a.part, a.total_parts, a.plans)
         return _report(outcomes)
 
     return run_cli(p, body, argv)

@@ -44,34 +44,63 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--stop_at_step", type=int, default=None,
                    help="stop with a checkpoint before this optimizer step (time-boxed jobs; resume with --c)")
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="PATH=VALUE",
+                   help="override any setting, e.g. --set ijepa.ema_start=0.99 mask.num_targets=3 "
+                        "optim.peak_lr=1e-3 patch_size=[96,96,96] (values are JSON; see --print_config)")
+    p.add_argument("--config", dest="config_file", type=Path, default=None,
+                   help="a JSON file of settings (nested by section or dotted keys), applied before --set")
+    p.add_argument("--print_config", action="store_true",
+                   help="print the resolved configuration (trainer name + --config + --set, geometry from the plans "
+                        "when the dataset is preprocessed) as JSON, then exit")
     p.add_argument("--list_trainers", action="store_true", help="print the trainer-name grammar and examples, then exit")
     add_verbose(p)
     return p
 
 
+def print_config(config, options) -> None:  # type: ignore[no-untyped-def]
+    """The resolved configuration as JSON; patch and batch size from the plans when they can be read."""
+    import json
+
+    from nnssl.errors import NnsslError
+    from nnssl.training.setup import load_plans, resolve_run_config
+
+    note = None
+    try:
+        config = resolve_run_config(config, load_plans(options), options.configuration)[0]
+    except NnsslError as e:
+        note = f"patch_size / batch_size: from the plans at training time ({str(e).splitlines()[0]})"
+    print(json.dumps(config.to_dict(), indent=2))
+    if note and (config.patch_size is None or config.batch_size is None):
+        print(note)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     def body(a: argparse.Namespace) -> int:
-        from nnssl.training.registry import example_trainer_names, grammar_help
+        from nnssl.training.names import example_trainer_names, grammar_help, read_config_file, resolve_config
 
         if a.list_trainers:
             print(grammar_help())
             print("\nValid names include:\n  " + "\n  ".join(example_trainer_names()))
             return 0
+        from nnssl.settings import parse_assignments
+        from nnssl.training.loop import TrainingDiverged
         from nnssl.training.options import RunOptions
-        from nnssl.training.registry import resolve_trainer
         from nnssl.training.run import train
 
-        from nnssl.training.loop import TrainingDiverged
-
-        resolve_trainer(a.trainer)  # an unknown name fails here, before any data is read
+        # the name and every override are resolved and validated here, before any data is read
+        config = resolve_config(a.trainer, read_config_file(a.config_file) if a.config_file else None,
+                                parse_assignments(a.overrides))
         options = RunOptions(
-            dataset=a.dataset, configuration=a.configuration, trainer=a.trainer, plans=a.plans,
+            dataset=a.dataset, configuration=a.configuration, plans=a.plans,
             num_gpus=a.num_gpus, device=a.device, continue_training=a.continue_training,
             pretrained_weights=a.pretrained_weights, num_workers=a.num_workers,
             checkpoint_every_minutes=a.checkpoint_minutes, log_every=a.log_every, precision=a.precision,
             stop_at_step=a.stop_at_step)
+        if a.print_config:
+            print_config(config, options)
+            return 0
         try:
-            outcome = train(options)
+            outcome = train(options, config)
         except TrainingDiverged as e:
             print(f"nnssl_train: {e}")
             return 1

@@ -12,21 +12,14 @@ from __future__ import annotations
 import math
 import os
 import stat
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from nnssl.data.collection import (
-    AssociatedMasks,
-    Collection,
-    DatasetEntry,
-    ImageEntry,
-    Problem,
-    Session,
-    Subject,
-    make_image_id,
-    resolve_path,
-    split_variable,
-)
+from nnssl.data.entries import (AssociatedMasks, DatasetEntry, ImageEntry, Problem, Session, Subject, make_image_id,
+                                resolve_path, split_variable)
 from nnssl.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from nnssl.data.collection import Collection
 
 # An error message listing 100k lines helps nobody; the count of the rest is still given.
 MAX_LISTED_PROBLEMS = 200
@@ -135,7 +128,7 @@ class _Parser:
         return False
 
     # -------------------------------------------------------------------------- levels
-    def collection(self, data: dict[str, Any], source: str) -> Collection:
+    def collection(self, data: dict[str, Any], source: str) -> CollectionParts:
         index = self.field(data, "collection_index", "", "integer")
         name = self.field(data, "collection_name", "", "string", nonempty=True)
         datasets: dict[str, DatasetEntry] = {}
@@ -143,7 +136,7 @@ class _Parser:
             if self.container(raw, f"datasets.{key}", "a dataset"):
                 datasets[key] = self.dataset(raw, f"datasets.{key}", key)
         extra = {k: v for k, v in data.items() if k not in COLLECTION_KEYS}
-        return Collection(index, name, datasets, extra, key_order=self.order(data), source=source)
+        return CollectionParts(index, name, datasets, extra, self.order(data))
 
     def dataset(self, raw: dict[str, Any], where: str, key: str) -> DatasetEntry:
         index = self.identifier(raw, "dataset_index", where, key, required=True)
@@ -200,8 +193,18 @@ class _Parser:
         return AssociatedMasks(anatomy, anonymization, extra, key_order=self.order(raw))
 
 
-def parse_collection(data: Any, source: str) -> Collection:
-    """Build a Collection from JSON data or raise InvalidInput listing every structural problem."""
+class CollectionParts(NamedTuple):
+    """The fields of a `Collection`, parsed (`Collection.from_dict` builds it from them)."""
+
+    collection_index: int
+    collection_name: str
+    datasets: dict[str, DatasetEntry]
+    extra: dict[str, Any]
+    key_order: tuple[str, ...]
+
+
+def parse_collection(data: Any, source: str) -> CollectionParts:
+    """The parts of a Collection from JSON data, or InvalidInput listing every structural problem."""
     if not isinstance(data, dict):
         raise InvalidInput(f"{source}: pretrain_data.json must hold a JSON object {{...}} at the top "
                            f"level, got {_describe(data)} (see documentation/dataset_format.md)")

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from nnssl.dataloading.augment import AugmentConfig
 from nnssl.dataloading.dataset import CaseRecord
 from nnssl.dataloading.patches import CaseReadError
-from nnssl.dataloading.sampling import PatchSampler, SampleError, SampleSpec
+from nnssl.dataloading.sampling import FOREGROUND_PROBABILITY, PatchSampler, SampleError, SampleSpec
 from nnssl.errors import InvalidInput
 from nnssl.log import get_logger
 
@@ -49,13 +49,26 @@ def default_num_workers(world_size: int = 1) -> int:
 
 
 @dataclass(frozen=True)
+class LoaderSettings:
+    """Sampling settings of a training run (section `loader` of the training configuration); the
+    rest of `LoaderConfig` is geometry (from the plans) or run options (workers)."""
+
+    foreground_probability: float = FOREGROUND_PROBABILITY
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.foreground_probability <= 1.0:
+            raise InvalidInput("invalid loader settings:",
+                               [f"foreground_probability must be in [0, 1], got {self.foreground_probability}"])
+
+
+@dataclass(frozen=True)
 class LoaderConfig:
     """Everything that decides the batches; `batch_size` is per rank."""
 
     patch_size: tuple[int, int, int]
     batch_size: int
     num_workers: int | None = None  # None: default_num_workers(world_size); 0: in-process
-    foreground_probability: float = 0.33  # share of patches centred on anatomy (or nonzero voxels)
+    foreground_probability: float = FOREGROUND_PROBABILITY  # share of patches centred on anatomy
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     seed: int = 0
     prefetch: int = 2  # batches queued per worker

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
 
 from nnssl.dataloading.dataset import CaseRecord
 from nnssl.errors import NnsslError
-from nnssl.preprocessing.storage import open_array, read_region
+from nnssl.preprocessing.storage import open_array
 
 Triple = tuple[int, int, int]
 
@@ -91,25 +92,15 @@ def open_case(record: CaseRecord, num_channels: int) -> OpenCase:
 def read_padded(array: Any, lo: Triple, hi: Triple, dtype: np.dtype | type | None = None) -> np.ndarray:
     """The box [lo, hi) over the last three axes, zero outside the volume, with a channel axis.
 
-    Only the in-volume part is requested from storage. 3-D arrays (masks) gain a channel axis.
+    acvl-utils' `crop_and_pad_nd` (nnU-Net's own helper) requests only the in-volume part from
+    storage (blosc2 decompresses just the chunks it touches) and zero-pads the rest; measured as
+    fast as the hand-written version it replaced (decompression dominates, padding costs the same).
+    3-D arrays (masks) gain a channel axis.
     """
-    spatial = tuple(int(s) for s in array.shape[-3:])
-    channels = int(array.shape[0]) if array.ndim == 4 else 1
-    out_shape = (channels, *(h - l for l, h in zip(lo, hi)))
-    valid_lo = [max(l, 0) for l in lo]
-    valid_hi = [min(h, s) for h, s in zip(hi, spatial)]
     dtype = np.dtype(dtype or array.dtype)
-    if any(a >= b for a, b in zip(valid_lo, valid_hi)):
-        return np.zeros(out_shape, dtype=dtype)
-    box = tuple(slice(a, b) for a, b in zip(valid_lo, valid_hi))
-    data = read_region(array, ((slice(None),) if array.ndim == 4 else ()) + box)
-    data = np.asarray(data, dtype=dtype).reshape((channels, *data.shape[-3:]))
-    if tuple(data.shape) == out_shape:
-        return data
-    out = np.zeros(out_shape, dtype=dtype)
-    dst = (slice(None),) + tuple(slice(a - l, b - l) for a, b, l in zip(valid_lo, valid_hi, lo))
-    out[dst] = data
-    return out
+    box = [[int(a), int(b)] for a, b in zip(lo, hi)]
+    data = np.asarray(crop_and_pad_nd(array, box, pad_value=0, cast_cropped_to=dtype), dtype=dtype)
+    return data if array.ndim == 4 else data[None]
 
 
 def read_case_region(case: OpenCase, which: str, lo: Triple, hi: Triple) -> np.ndarray:

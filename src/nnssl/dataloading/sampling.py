@@ -35,13 +35,17 @@ class SampleError(RuntimeError):
         return (type(self), (self.image_id, self.path, self.reason))
 
 
+# share of patches centred on anatomy (or nonzero voxels), the rest uniform over the volume
+FOREGROUND_PROBABILITY = 0.33
+
+
 @dataclass(frozen=True)
 class SampleSpec:
     """What the sampler needs to know; plain data so it pickles into worker processes."""
 
     patch_size: Triple
     num_channels: int = 1
-    foreground_probability: float = 0.33
+    foreground_probability: float = FOREGROUND_PROBABILITY
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 

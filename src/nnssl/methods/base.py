@@ -16,12 +16,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from nnssl.models.backbone import BackboneSpec
+
+if TYPE_CHECKING:
+    from nnssl.methods.ijepa import IJEPAConfig
+    from nnssl.methods.mae import MAEConfig
+    from nnssl.methods.masks import MaskConfig
+    from nnssl.models.registry import ModelSettings
 
 TRAIN_STREAM = 0
 VALIDATION_STREAM = 1
@@ -51,6 +57,21 @@ def parameter_groups_by_part(parts: Iterable[tuple[str, Iterable[tuple[str, nn.P
         if exempt:
             groups.append({"name": f"{part}_no_decay", "params": exempt, "weight_decay": 0.0, "apply_wd": False})
     return groups
+
+
+class MethodInputs(Protocol):
+    """The settings method builders read (the training configuration provides them, so methods
+    never import the training layer): the crop, the seed and the sections of each method."""
+
+    trainer_name: str
+    method: str  # a registered method (methods/registry.py)
+    backbone: str  # a registered backbone (models/registry.py)
+    patch_size: tuple[int, int, int] | None
+    seed: int
+    model: ModelSettings
+    mask: MaskConfig
+    ijepa: IJEPAConfig
+    mae: MAEConfig
 
 
 @dataclass

@@ -1,60 +1,27 @@
-"""Build the pretraining method a resolved `TrainingConfig` describes.
+"""Build the pretraining method a resolved training configuration describes.
 
-One function per (method, backbone family); the trainer registry only produces configurations,
-and this is the single place that turns one into modules.
+The registries (`models/registry.py`, `methods/registry.py`) say what exists; this is the one
+place that turns a configuration into modules: the backbone entry, then the method's builder for
+that backbone's family.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import torch
 
-from nnssl.methods.base import PretrainingMethod
-from nnssl.training.config import TrainingConfig
-
-if TYPE_CHECKING:
-    from nnssl.methods.masks import MaskConfig
-
-
-def build_ijepa_primus(config: TrainingConfig, input_channels: int = 1) -> PretrainingMethod:
-    from nnssl.methods.ijepa import IJEPA, IJEPAConfig
-    from nnssl.methods.masks import MultiBlockMaskSampler
-    from nnssl.models.primus import PrimusTokenEncoder, build_primus, primus_arch_kwargs, primus_backbone_spec
-
-    kwargs = primus_arch_kwargs(config.primus_preset, input_channels, config.token_patch_size, config.patch_size,
-                                drop_path_rate=config.drop_path_rate)
-    primus = build_primus(config.primus_preset, input_channels, config.token_patch_size, config.patch_size,
-                          drop_path_rate=config.drop_path_rate)
-    encoder = PrimusTokenEncoder(primus)
-    sampler = MultiBlockMaskSampler(encoder.grid, mask_config(config), seed=config.seed)
-    method = IJEPA(encoder, IJEPAConfig(predictor_width=config.predictor_width,
-                                        predictor_depth=config.predictor_depth, loss=config.loss),
-                   mask_sampler=sampler, backbone=primus_backbone_spec(primus, kwargs))
-    return method
+from nnssl.errors import InvalidInput
+from nnssl.methods.base import MethodInputs, PretrainingMethod
+from nnssl.methods.registry import get_builder
+from nnssl.models.registry import get_backbone
 
 
-def mask_config(config: TrainingConfig) -> "MaskConfig":
-    """The I-JEPA multi-block sampler settings of a training configuration."""
-    from nnssl.methods.masks import MaskConfig
-
-    return MaskConfig(num_targets=config.num_targets, target_scale=config.target_scale,
-                      target_aspect=config.target_aspect, context_scale=config.context_scale,
-                      min_keep=config.min_keep)
-
-
-def build_method(config: TrainingConfig, input_channels: int = 1) -> PretrainingMethod:
-    """The method module (random init) for `config`, seeded by `config.seed`."""
-    import torch
-
+def build_method(config: MethodInputs, input_channels: int = 1) -> PretrainingMethod:
+    """The method module (random init, seeded by `config.seed`) for `config`; its crop
+    (`patch_size`) must be resolved (from the plans or the trainer name) before building."""
+    if config.patch_size is None:
+        raise InvalidInput(f"the training configuration of {config.trainer_name!r} has no patch size yet: it comes "
+                           "from the plans at training time; resolve it first (nnssl.training.config.with_geometry) "
+                           "or give one (_P<N> in the trainer name, --set patch_size=[X,Y,Z])")
     torch.manual_seed(config.seed)
-    family = config.backbone_family
-    if config.method == "IJEPATrainer" and family == "primus":
-        return build_ijepa_primus(config, input_channels)
-    if config.method == "IJEPATrainer" and family == "resenc":
-        from nnssl.methods.ijepa_resenc import build_ijepa_resenc
-
-        return build_ijepa_resenc(config, input_channels)
-    if config.method == "MAETrainer":
-        from nnssl.methods.mae import build_mae
-
-        return build_mae(config, input_channels)
-    raise ValueError(f"no builder for method {config.method!r} on backbone {config.backbone!r}")
+    backbone = get_backbone(config.backbone)
+    return get_builder(config.method, backbone.family)(config, backbone, input_channels)

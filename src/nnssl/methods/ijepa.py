@@ -68,7 +68,8 @@ class InvalidIJEPAConfig(NnsslError, ValueError):
 
 @dataclass(frozen=True)
 class IJEPAConfig:
-    """Method settings (defaults: spec §2.5-2.6). `predictor_heads=None` takes the encoder's head
+    """I-JEPA settings (section `ijepa` of the training configuration; defaults of the released
+    I-JEPA, documentation/ijepa_method.md). `predictor_heads=None` takes the encoder's head
     count when it divides the width (I-JEPA), else the largest divisor of the width below it."""
 
     predictor_width: int = 384
@@ -76,9 +77,15 @@ class IJEPAConfig:
     predictor_heads: int | None = None
     predictor_mlp_ratio: float = 4.0
     loss: str = "smooth_l1"
+    # EMA momentum of the teacher, linear from start to end over the run (methods/schedules.py)
+    ema_start: float = 0.996
+    ema_end: float = 1.0
 
     def __post_init__(self) -> None:
         problems = []
+        if not 0 < self.ema_start <= self.ema_end <= 1:
+            problems.append(f"EMA momentum must satisfy 0 < ema_start <= ema_end <= 1, got "
+                            f"{self.ema_start} -> {self.ema_end}")
         if self.loss not in LOSSES:
             problems.append(f"loss={self.loss!r} must be one of {LOSSES}")
         if int(self.predictor_width) != self.predictor_width or self.predictor_width < 1:

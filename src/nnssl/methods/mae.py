@@ -1,6 +1,6 @@
 """Masked autoencoders (MAE): the reconstruction baselines I-JEPA is compared against.
 
-Two variants, chosen by the backbone family of the training configuration (`build_mae`):
+Two variants, one per backbone family (each registers its builder, `methods/registry.py`):
 
 - **Primus** (`mae_primus.PrimusMAE`, the OpenMind / nnssl `BaseEvaMAETrainer` recipe): 75% of
   the 8³ tokens are dropped *before* the encoder, which runs on the visible 25% only; a small Eva
@@ -11,7 +11,7 @@ Two variants, chosen by the backbone family of the training configuration (`buil
 
 Both compute the MSE on the masked voxels only, excluding defaced voxels (the anonymization
 mask), in fp32 whatever the autocast state. This module holds what they share: the random mask
-sampler, the masked MSE, the AdamW groups and the configuration checks.
+sampler, the masked MSE, the settings (`MAEConfig`), the checks and the registry entry.
 
 Masks are a pure function of (seed, step, stream, global sample index), drawn with a local
 generator per sample seeded by hashing those (`nnssl.methods.masks.seeded_generator`, blake2b, the
@@ -29,10 +29,11 @@ import torch
 
 from nnssl.errors import InvalidInput
 from nnssl.methods.masks import seeded_generator
+from nnssl.methods.registry import MethodEntry, register_method
 
 if TYPE_CHECKING:
-    from nnssl.methods.base import PretrainingMethod
-    from nnssl.training.config import TrainingConfig
+    from nnssl.methods.base import MethodInputs
+    from nnssl.models.registry import BackboneEntry
 
 
 class InvalidMAEConfig(InvalidInput, ValueError):
@@ -140,43 +141,70 @@ def cpu_state_dict(state: dict[str, torch.Tensor], prefixes: tuple[str, ...]) ->
             if any(k == p or k.startswith(p + ".") for p in prefixes)}
 
 
-def mae_config_problems(config: TrainingConfig) -> list[str]:
-    """Every reason `config` cannot build an MAE (the general configuration checks included)."""
-    problems = list(config.problems())
-    token = config.token_size if config.backbone_family == "primus" else (config.mae_block_size,) * 3
-    if config.backbone_family == "resenc" and (config.mae_block_size < 1 or
-                                               any(p % config.mae_block_size for p in config.patch_size)):
-        problems.append(f"mae_block_size {config.mae_block_size} must divide the patch size {config.patch_size}")
-    elif all(t >= 1 and p >= t and p % t == 0 for p, t in zip(config.patch_size, token)) and \
-            0.0 < config.mae_mask_ratio < 1.0:
-        cells = math.prod(p // t for p, t in zip(config.patch_size, token))
-        try:
-            RandomMaskSampler(config.mae_mask_ratio).num_masked(cells)
-        except InvalidMAEConfig as e:
-            problems += e.problems
-    if config.backbone_family == "primus":
-        if config.mae_decoder_depth < 1:
-            problems.append(f"mae_decoder_depth must be >= 1, got {config.mae_decoder_depth}: without decoder "
-                            "blocks the mask tokens never see the encoder output and the encoder gets no gradient")
-        if config.mae_decoder_width < 6:
-            problems.append(f"mae_decoder_width must be >= 6 (3D sin-cos positions need 2 channels per axis), "
-                            f"got {config.mae_decoder_width}")
-    return list(dict.fromkeys(problems))
+@dataclass(frozen=True)
+class MAEConfig:
+    """MAE settings (section `mae` of the training configuration).
+
+    `mask_ratio`: fraction of cells masked (Primus: 8³ tokens dropped before the encoder; ResEnc:
+    `block_size`³ input blocks zeroed). `decoder_width` / `decoder_depth`: the small Eva decoder of
+    the Primus variant (the ResEnc variant reconstructs with the U-Net's own decoder)."""
+
+    mask_ratio: float = 0.75
+    block_size: int = 16
+    decoder_width: int = 384
+    decoder_depth: int = 2
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0.0 < self.mask_ratio < 1.0:
+            problems.append(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.block_size < 1:
+            problems.append(f"block_size must be >= 1, got {self.block_size}")
+        if self.decoder_depth < 1:
+            problems.append(f"decoder_depth must be >= 1, got {self.decoder_depth}: without decoder blocks the mask "
+                            "tokens never see the encoder output and the encoder gets no gradient")
+        if self.decoder_width < 6:
+            problems.append(f"decoder_width must be >= 6 (3D sin-cos positions need 2 channels per axis), got "
+                            f"{self.decoder_width}")
+        if problems:
+            raise InvalidMAEConfig(problems)
 
 
-def build_mae(config: TrainingConfig, input_channels: int = 1) -> PretrainingMethod:
-    """The MAE of `config.backbone_family` ("primus" or "resenc"), random init from the global
-    RNG (`methods.factory.build_method` seeds it with `config.seed`; the masks use their own
-    generator). Raises `InvalidMAEConfig` listing every problem."""
-    problems = mae_config_problems(config)
-    if input_channels < 1:
-        problems.append(f"input_channels must be >= 1, got {input_channels}")
-    if problems:
-        raise InvalidMAEConfig(problems)
-    if config.backbone_family == "primus":
-        from nnssl.methods.mae_primus import build_primus_mae
+def mae_problems(config: MethodInputs, backbone: BackboneEntry) -> list[str]:
+    """Why `config` cannot build an MAE on `backbone` (empty: it can): every masked cell count
+    must leave at least one visible and one masked cell."""
+    patch = tuple(config.patch_size or ())
+    if backbone.family == "resenc":
+        cell = (config.mae.block_size,) * 3
+        if len(patch) == 3 and any(p % config.mae.block_size for p in patch):
+            return [f"mae.block_size {config.mae.block_size} must divide the patch size {patch}"]
+    else:
+        cell = backbone.cell_size(config.model)
+    if len(patch) != 3 or any(p < c or p % c for p, c in zip(patch, cell)):
+        return []  # the backbone's own check reports the patch size
+    try:
+        RandomMaskSampler(config.mae.mask_ratio).num_masked(math.prod(p // c for p, c in zip(patch, cell)))
+    except InvalidMAEConfig as e:
+        return list(e.problems)
+    return []
 
-        return build_primus_mae(config, input_channels)
-    from nnssl.methods.mae_resenc import build_resenc_mae
 
-    return build_resenc_mae(config, input_channels)
+MAE_CITATION = {
+    "type": "method", "name": "MAE",
+    "apa_citations": ["He, K., Chen, X., Xie, S., Li, Y., Dollar, P., & Girshick, R. (2022). Masked Autoencoders "
+                      "Are Scalable Vision Learners. CVPR 2022. arXiv:2111.06377",
+                      "Wald, T., Ulrich, C., Suprijadi, J., Ziegler, S., Nohel, M., Peretzke, R., Kohler, G., & "
+                      "Maier-Hein, K. H. (2025). An OpenMind for 3D medical vision self-supervised learning. "
+                      "arXiv:2412.17041"],
+}
+
+# The reference nnssl MAE recipe where our schedule can express it: AdamW betas (0.9, 0.98),
+# constant weight decay 0.05, drop path 0.2 for Primus (ResEnc has none), gradient clipping
+# 1 (Primus) / 12 (ResEnc); warm-up + cosine instead of its poly lr.
+_RECIPE = {"optim.betas": (0.9, 0.98), "optim.start_weight_decay": 0.05, "optim.final_weight_decay": 0.05}
+register_method(MethodEntry(
+    name="MAETrainer", display_name="MAE", citation=MAE_CITATION,
+    description="MAE: reconstruct masked voxels (Primus: 75% of tokens dropped; ResEnc: 16³ blocks)",
+    exports="the encoder", problems=mae_problems, listing_order=10,
+    defaults={"primus": {**_RECIPE, "model.drop_path_rate": 0.2, "optim.grad_clip": 1.0},
+              "resenc": {**_RECIPE, "optim.grad_clip": 12.0}}))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from timm.models.eva import EvaBlock
@@ -38,8 +39,12 @@ from nnssl.methods.mae import (RandomMasks, RandomMaskSampler, check_anonymizati
                                masked_mse)
 from nnssl.models.backbone import BackboneSpec
 from nnssl.models.predictor import sincos_pos_embed_3d
-from nnssl.models.primus import PrimusTokenEncoder, build_primus, primus_arch_kwargs, primus_backbone_spec
-from nnssl.training.config import TrainingConfig
+from nnssl.methods.registry import register_builder
+from nnssl.models.primus import PrimusTokenEncoder
+
+if TYPE_CHECKING:
+    from nnssl.methods.base import MethodInputs
+    from nnssl.models.registry import BackboneEntry
 
 
 def decoder_heads(width: int, encoder_heads: int) -> int:
@@ -192,12 +197,10 @@ class PrimusMAE(nn.Module):
         return self.encoder.encoder_state_dict()
 
 
-def build_primus_mae(config: TrainingConfig, input_channels: int = 1) -> PrimusMAE:
-    """The Primus MAE of a training configuration (preset, patch and token size, drop path, MAE
-    ratio and decoder size); validate with `mae.mae_config_problems` first (`build_mae` does)."""
-    kwargs = primus_arch_kwargs(config.primus_preset, input_channels, config.token_patch_size, config.patch_size,
-                                drop_path_rate=config.drop_path_rate)
-    primus = build_primus(config.primus_preset, input_channels, config.token_patch_size, config.patch_size,
-                          drop_path_rate=config.drop_path_rate)
-    return PrimusMAE(PrimusTokenEncoder(primus), RandomMaskSampler(config.mae_mask_ratio, config.seed),
-                     config.mae_decoder_width, config.mae_decoder_depth, primus_backbone_spec(primus, kwargs))
+@register_builder("MAETrainer", "primus")
+def build_primus_mae(config: MethodInputs, backbone: BackboneEntry, input_channels: int = 1) -> PrimusMAE:
+    """The Primus MAE of a training configuration: the backbone at the crop size, the MAE ratio
+    and decoder size of `config.mae`, masks seeded by `config.seed`."""
+    primus, spec = backbone.build(input_channels, tuple(config.patch_size), config.model, 1)
+    return PrimusMAE(PrimusTokenEncoder(primus), RandomMaskSampler(config.mae.mask_ratio, config.seed),
+                     config.mae.decoder_width, config.mae.decoder_depth, spec)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
@@ -27,8 +28,12 @@ from nnssl.methods.base import TRAIN_STREAM, MethodOutput, parameter_groups_by_p
 from nnssl.methods.mae import (RandomMasks, RandomMaskSampler, check_anonymization_mask, cpu_state_dict,
                                masked_mse)
 from nnssl.models.backbone import BackboneSpec
-from nnssl.models.resenc import RESENC_L_STRIDE, resenc_backbone_spec, resenc_l_arch_kwargs
-from nnssl.training.config import TrainingConfig
+from nnssl.methods.registry import register_builder
+from nnssl.models.resenc import RESENC_L_STRIDE
+
+if TYPE_CHECKING:
+    from nnssl.methods.base import MethodInputs
+    from nnssl.models.registry import BackboneEntry
 
 
 @dataclass
@@ -141,13 +146,11 @@ class ResEncMAE(nn.Module):
         return cpu_state_dict(self.network.state_dict(), (self.network.key_to_stem, self.network.key_to_encoder))
 
 
-def build_resenc_mae(config: TrainingConfig, input_channels: int = 1) -> ResEncMAE:
-    """The ResEnc MAE of a training configuration (preset "L" or "Tiny", patch size, block size,
-    ratio), initialised as nnU-Net initialises its networks (He init, zeroed last norm of each
-    residual block); validate with `mae.mae_config_problems` first (`build_mae` does)."""
-    kwargs = resenc_l_arch_kwargs(input_channels, num_classes=input_channels, deep_supervision=False,
-                                  preset=config.primus_preset)
-    network = ResidualEncoderUNet(**kwargs)
+@register_builder("MAETrainer", "resenc")
+def build_resenc_mae(config: MethodInputs, backbone: BackboneEntry, input_channels: int = 1) -> ResEncMAE:
+    """The ResEnc MAE of a training configuration (the U-Net reconstructs every input channel),
+    initialised as nnU-Net initialises its networks (He init, zeroed last norm of each residual
+    block)."""
+    network, spec = backbone.build(input_channels, tuple(config.patch_size), config.model, input_channels)
     network.apply(network.initialize)
-    return ResEncMAE(network, RandomMaskSampler(config.mae_mask_ratio, config.seed), config.mae_block_size,
-                     resenc_backbone_spec(network, kwargs, config.patch_size))
+    return ResEncMAE(network, RandomMaskSampler(config.mae.mask_ratio, config.seed), config.mae.block_size, spec)

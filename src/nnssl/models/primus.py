@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from nnssl.errors import InvalidInput
 from nnssl.models.backbone import BackboneSpec
+from nnssl.models.registry import BackboneEntry, BackboneFamily, ModelSettings, register_backbone, register_family
 
 # embed_dim / eva_depth / eva_numheads. S/B/M/L are dynamic-network-architectures' presets (the
 # nnU-Net PrimusS/B/M/L networks). "Tiny" is CPU-sized and satisfies Eva's 3D RoPE constraint
@@ -52,15 +53,6 @@ _PRIMUS_FIXED_KWARGS: dict[str, Any] = {
 
 class InvalidPrimusConfig(InvalidInput, ValueError):
     """A Primus preset, patch size or input shape that cannot build a network."""
-
-
-def _rope_problem(embed_dim: int, heads: int) -> str | None:
-    head_dim = embed_dim / heads
-    rope_dim = head_dim / 1.5
-    if embed_dim % heads or rope_dim != int(rope_dim) or int(rope_dim) % 4:
-        return (f"embed_dim {embed_dim} with {heads} heads gives head_dim {head_dim:g} and RoPE dim "
-                f"{rope_dim:g}; Eva's 3D RoPE needs head_dim / 1.5 to be an integer multiple of 4")
-    return None
 
 
 def primus_arch_kwargs(preset: str, input_channels: int, patch_size: tuple[int, int, int],
@@ -258,3 +250,55 @@ def primus_backbone_spec(primus: Primus, kwargs: dict[str, Any]) -> BackboneSpec
                    and all(kwargs.get(k) == v for k, v in cfg.items())), None)
     name = f"Primus{preset}" if preset else "dynamic_network_architectures.architectures.primus.Primus"
     return BackboneSpec.from_network(primus, name, kwargs, tuple(kwargs["input_shape"]), shape_kwarg="input_shape")
+
+
+# ---- registry entries (models/registry.py) -----------------------------------------------------
+
+PRIMUS_CITATION = {
+    "type": "architecture", "name": "Primus",
+    "apa_citations": ["Wald, T., Roy, S., Isensee, F., Ulrich, C., Ziegler, S., Trofimova, D., Stock, R., "
+                      "Baumgartner, M., Kohler, G., & Maier-Hein, K. H. (2025). Primus: Enforcing Attention "
+                      "Usage for 3D Medical Image Segmentation. arXiv:2503.01835"],
+}
+DEFAULT_PATCH_EMBED = (8, 8, 8)  # nnU-Net's Primus presets embed 8³ voxels per token
+
+
+def _cell_size(settings: ModelSettings) -> tuple[int, int, int]:
+    return settings.patch_embed_size or DEFAULT_PATCH_EMBED
+
+
+def _problems(settings: ModelSettings, patch_size: tuple[int, int, int]) -> list[str]:
+    cell = _cell_size(settings)
+    if len(patch_size) != 3 or any(p < c or p % c for p, c in zip(patch_size, cell)):
+        return [f"patch size {tuple(patch_size)} must be a positive multiple of Primus's patch embedding {cell} "
+                "on every axis (one token per embedded patch)"]
+    return []
+
+
+def _builder(preset: str):
+    def build(input_channels: int, input_shape: tuple[int, int, int], settings: ModelSettings,
+              num_classes: int = 1) -> tuple[Primus, BackboneSpec]:
+        embed = _cell_size(settings)
+        kwargs = primus_arch_kwargs(preset, input_channels, embed, input_shape, settings.drop_path_rate, num_classes)
+        primus = build_primus(preset, input_channels, embed, input_shape, num_classes, settings.drop_path_rate)
+        return primus, primus_backbone_spec(primus, kwargs)
+    return build
+
+
+register_family(BackboneFamily(
+    name="primus", display_name="Primus (3D ViT: 8³ patch embedding, Eva blocks with RoPE)",
+    citation=PRIMUS_CITATION, token_encoder=lambda network, input_shape: PrimusTokenEncoder(network),
+    cell_size=_cell_size, problems=_problems))
+for _preset in ("S", "B", "M", "L"):
+    _c = PRIMUS_PRESETS[_preset]
+    register_backbone(BackboneEntry(
+        name=f"Primus{_preset}", family="primus", build=_builder(_preset),
+        description=f"Primus-{_preset} (3D ViT, width {_c['embed_dim']}, depth {_c['eva_depth']}, "
+                    f"{_c['eva_numheads']} heads){' - the default' if _preset == 'M' else ''}"))
+register_backbone(BackboneEntry(
+    name="Tiny", family="primus", build=_builder("Tiny"), cpu_sized=True,
+    description="a tiny Primus for CPU runs (width 96, depth 2, 2 heads; trains in seconds)",
+    # a short schedule and a predictor / decoder in proportion to the width
+    defaults={"num_epochs": 2, "iterations_per_epoch": 5, "num_val_iterations": 1, "model.drop_path_rate": 0.0,
+              "ijepa.predictor_width": 64, "ijepa.predictor_depth": 2, "mask.min_keep": 4,
+              "mae.decoder_width": 48, "mae.decoder_depth": 1}))

@@ -14,6 +14,8 @@ from torch import nn
 
 from nnssl.errors import InvalidInput
 from nnssl.models.backbone import BackboneSpec
+from nnssl.models.registry import BackboneEntry, BackboneFamily, ModelSettings, register_backbone, register_family
+from nnssl.models.sparse_resenc import ResEncTokenEncoder
 
 RESENC_L_STAGES = 6
 # total downsampling of the encoder: the bottleneck grid is input / 32
@@ -55,12 +57,6 @@ def resenc_l_arch_kwargs(input_channels: int = 1, num_classes: int = 1, deep_sup
     }
 
 
-def check_resenc_patch_size(patch_size: tuple[int, int, int]) -> None:
-    if len(patch_size) != 3 or any(p < RESENC_L_STRIDE or p % RESENC_L_STRIDE for p in patch_size):
-        raise InvalidInput(f"ResEnc-L needs a patch size that is a positive multiple of {RESENC_L_STRIDE} on "
-                           f"every axis (5 stride-2 stages), got {tuple(patch_size)}")
-
-
 def build_resenc_l(input_channels: int = 1, num_classes: int = 1, deep_supervision: bool = False,
                    preset: str = "L") -> ResidualEncoderUNet:
     """The stock network nnU-Net fine-tunes (random init)."""
@@ -75,3 +71,54 @@ def resenc_backbone_spec(network: ResidualEncoderUNet, kwargs: dict[str, Any],
         kwargs["n_blocks_per_stage"] == RESENC_PRESETS["L"]["n_blocks_per_stage"]
     name = "ResEncL" if is_l else "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
     return BackboneSpec.from_network(network, name, kwargs, patch_size)
+
+
+# ---- registry entries (models/registry.py) -----------------------------------------------------
+
+RESENC_CITATION = {
+    "type": "architecture", "name": "ResEnc-L",
+    "apa_citations": ["Isensee, F., Wald, T., Ulrich, C., Baumgartner, M., Roy, S., Maier-Hein, K., & Jaeger, "
+                      "P. F. (2024). nnU-Net Revisited: A Call for Rigorous Validation in 3D Medical Image "
+                      "Segmentation. MICCAI 2024. arXiv:2404.09556"],
+}
+
+
+def _problems(settings: ModelSettings, patch_size: tuple[int, int, int]) -> list[str]:
+    problems = []
+    if settings.patch_embed_size is not None:
+        problems.append(f"model.patch_embed_size={list(settings.patch_embed_size)} is a Primus setting; a ResEnc "
+                        f"encoder has no patch embedding (its token cell is its total stride {RESENC_L_STRIDE}³)")
+    if settings.drop_path_rate:
+        # nnU-Net's ResidualEncoderUNet has no stochastic-depth argument, so the rate would be
+        # silently ignored; the network that is fine-tuned downstream has none either
+        problems.append(f"model.drop_path_rate={settings.drop_path_rate} is not supported by ResEnc "
+                        "(ResidualEncoderUNet has no stochastic depth); set it to 0")
+    if len(patch_size) != 3 or any(p < RESENC_L_STRIDE or p % RESENC_L_STRIDE for p in patch_size):
+        problems.append(f"patch size {tuple(patch_size)} must be a positive multiple of ResEnc's total stride "
+                        f"{RESENC_L_STRIDE} on every axis (5 stride-2 stages; one token per bottleneck cell)")
+    return problems
+
+
+def _builder(preset: str):
+    def build(input_channels: int, input_shape: tuple[int, int, int], settings: ModelSettings,
+              num_classes: int = 1) -> tuple[ResidualEncoderUNet, BackboneSpec]:
+        kwargs = resenc_l_arch_kwargs(input_channels, num_classes=num_classes, preset=preset)
+        network = ResidualEncoderUNet(**kwargs)
+        return network, resenc_backbone_spec(network, kwargs, input_shape)
+    return build
+
+
+register_family(BackboneFamily(
+    name="resenc", display_name="Residual-encoder U-Net (3D CNN, nnU-Net's ResEnc presets)",
+    citation=RESENC_CITATION, token_encoder=lambda network, input_shape: ResEncTokenEncoder(network, input_shape),
+    cell_size=lambda settings: (RESENC_L_STRIDE,) * 3, problems=_problems,
+    # the bottleneck grid is small (5³ cells at 160³, 2³ at 64³): boxes of a few cells, a small context floor
+    defaults={"mask.min_keep": 4}))
+register_backbone(BackboneEntry(
+    name="ResEncL", family="resenc", build=_builder("L"),
+    description="ResEnc-L (3D residual-encoder U-Net, nnU-Net's ResEncL preset)"))
+register_backbone(BackboneEntry(
+    name="ResEncTiny", family="resenc", build=_builder("Tiny"), cpu_sized=True,
+    description="a tiny residual-encoder U-Net for CPU runs (ResEnc-L's layout, 8-64 channels)",
+    defaults={"num_epochs": 2, "iterations_per_epoch": 5, "num_val_iterations": 1,
+              "ijepa.predictor_width": 64, "ijepa.predictor_depth": 2}))

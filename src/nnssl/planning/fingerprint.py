@@ -17,7 +17,7 @@ from nnssl.data.collection import Collection
 from nnssl.data.imageio import read_header, read_image, require_3d, shape_3d, spacing_3d
 from nnssl.errors import NnsslError
 from nnssl.log import get_logger
-from nnssl.preprocessing.pool import imap
+from nnssl.workers import imap
 
 logger = get_logger(__name__)
 
@@ -106,7 +106,7 @@ def _run_batch(args: tuple[int, Any, list]) -> tuple[int, list]:
 
 
 def _map(fn, jobs: list, num_processes: int, desc: str, batch: int = 1) -> list:
-    """`fn` over `jobs` in forkserver workers (see `preprocessing.pool`), `batch` jobs per task so
+    """`fn` over `jobs` in forkserver workers (see `nnssl.workers`), `batch` jobs per task so
     that a millisecond header read is not dwarfed by inter-process messaging. Results come back
     in job order, so the fingerprint does not depend on which worker finished first."""
     from tqdm import tqdm

@@ -34,7 +34,7 @@ from nnssl.planning.planner import plan_experiment
 from nnssl.planning.plans import Plans
 from nnssl.preprocessing import storage
 from nnssl.preprocessing.case import STAGES, CaseJob, peak_rss_mb, run_case
-from nnssl.preprocessing.pool import imap
+from nnssl.workers import imap
 
 logger = get_logger(__name__)
 
@@ -99,6 +99,28 @@ def _jobs(collection: Collection, plans: Plans, configuration: str, output_root:
             masks={k: str(v) if v else None for k, v in masks.items()})
 
 
+DEFAULT_PLANS = "nnsslPlans"
+
+
+def preprocessed_collection_path(preprocessed_dataset: Path, plans: Plans, configuration: str) -> Path:
+    """`pretrain_data__<config>.json` for the default plans' data; plans whose preprocessing
+    differs (another `data_identifier`) get `pretrain_data__<data_identifier>.json`, so two plans
+    never overwrite each other's case list, and plans that only change the patch or batch size
+    (same data_identifier, same arrays) share it."""
+    identifier = plans.configuration(configuration).data_identifier
+    stem = configuration if identifier == f"{DEFAULT_PLANS}_{configuration}" else identifier
+    return preprocessed_dataset / f"pretrain_data__{stem}.json"
+
+
+def load_plans(preprocessed_dataset: Path, plans_name: str = DEFAULT_PLANS) -> Plans:
+    path = preprocessed_dataset / f"{plans_name}.json"
+    if not path.is_file():
+        others = sorted(p.stem for p in preprocessed_dataset.glob("*Plans*.json"))
+        raise NnsslError(f"{path} does not exist; run nnssl_plan_and_preprocess -d {preprocessed_dataset.name} "
+                         f"or pass the plans name with -p (plans found: {', '.join(others) or 'none'})")
+    return Plans.load(path)
+
+
 def write_preprocessed_collection(collection: Collection, plans: Plans, configuration: str,
                                   output_root: Path, destination: Path) -> int:
     """`pretrain_data__<config>.json` listing the complete cases, paths pointing at the arrays."""
@@ -128,12 +150,13 @@ def write_preprocessed_collection(collection: Collection, plans: Plans, configur
 
 
 def preprocess(dataset: str | int, configurations: tuple[str, ...] = ("onemmiso",), num_processes: int = 4,
-               part: int = 0, total_parts: int = 1) -> list[PreprocessOutcome]:
+               part: int = 0, total_parts: int = 1, plans_name: str = DEFAULT_PLANS) -> list[PreprocessOutcome]:
+    """Preprocess every case of `dataset` for `configurations` of the plans `plans_name`."""
     if not 0 <= part < total_parts:
         raise NnsslError(f"-part {part} must be in [0, -total_parts {total_parts})")
     name = paths.resolve_dataset_name(dataset)
     pre = paths.nnssl_preprocessed() / name
-    plans = Plans.load(pre / "nnsslPlans.json")
+    plans = load_plans(pre, plans_name)
     collection = Collection.load(paths.nnssl_raw() / name / "pretrain_data.json")
     outcomes = []
     for configuration in configurations:
@@ -152,7 +175,7 @@ def preprocess(dataset: str | int, configurations: tuple[str, ...] = ("onemmiso"
         suffix = "" if total_parts == 1 else f"_part{part}of{total_parts}"
         write_json(pre / f"preprocessing_report{suffix}__{configuration}.json", outcome.to_report(part, total_parts))
         write_preprocessed_collection(collection, plans, configuration, output_root,
-                                      pre / f"pretrain_data__{configuration}.json")
+                                      preprocessed_collection_path(pre, plans, configuration))
         outcomes.append(outcome)
     return outcomes
 

@@ -1,55 +1,45 @@
-"""The resolved training configuration: every hyperparameter a run actually uses.
+"""The resolved training configuration: every hyperparameter a run uses, in typed sections.
 
-Written as JSON next to the results (`training_config.json`) and into every checkpoint, so
-a run can be understood and reproduced from its folder alone. Defaults follow the
-reference nnssl (1000 epochs x 250 iterations, 160³ patches, global batch 8 for `_BS8`) and
-the I-JEPA 3D starting points of the spec (peak lr 3e-4, cosine wd 0.04 -> 0.4, EMA
-0.996 -> 1.0, grad clip 1.0, predictor 384 x 6).
+`TrainingConfig` composes sections that are each declared once, next to the code that uses
+them: `model` (models/registry.py), `mask` (methods/masks.py), `ijepa` (methods/ijepa.py),
+`mae` (methods/mae.py), `augment` (dataloading/augment.py), `loader` (dataloading/loader.py)
+and `optim` (here: the optimizer and its schedules). It is resolved once from a trainer name
+plus overrides (`training/names.py`), travels between layers as this object, and is written as
+JSON to `training_config.json` and into every checkpoint, so a run can be understood and
+reproduced from its folder alone.
+
+Geometry comes from the plans, as in nnU-Net: `patch_size` and `batch_size` are None until
+`with_geometry` fills them from the plan's configuration; a trainer name (`_P<N>`, `_BS<N>`) or
+an override sets them explicitly and then wins over the plan (training logs that). Defaults
+follow the reference nnssl (1000 epochs x 250 iterations) and the released I-JEPA (peak lr
+3e-4, cosine weight decay 0.04 -> 0.4, EMA 0.996 -> 1.0, gradient clipping at norm 1).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Any
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
-if TYPE_CHECKING:
-    from nnssl.methods.schedules import ScheduleConfig
+from nnssl.dataloading.augment import AugmentConfig
+from nnssl.dataloading.loader import LoaderSettings
+from nnssl.errors import InvalidInput
+from nnssl.methods.ijepa import IJEPAConfig
+from nnssl.methods.mae import MAEConfig
+from nnssl.methods.masks import MaskConfig
+from nnssl.methods.registry import UnknownMethod, get_method
+from nnssl.methods.schedules import ScheduleConfig
+from nnssl.models.registry import BackboneEntry, ModelSettings, UnknownBackbone, get_backbone
+from nnssl.settings import from_dict, to_plain
 
-METHODS: dict[str, str] = {
-    "IJEPATrainer": "I-JEPA: predict EMA-teacher features of masked 3D blocks from a context block",
-    "MAETrainer": "MAE: reconstruct masked voxels (Primus: 75% of tokens dropped; ResEnc: 16³ blocks)",
-}
-
-# Backbone tag -> (description, Primus preset name, default patch size, default batch size)
-BACKBONES: dict[str, str] = {
-    "PrimusS": "Primus-S (3D ViT, width 396, depth 12)",
-    "PrimusB": "Primus-B (3D ViT, width 792, depth 12)",
-    "PrimusM": "Primus-M (3D ViT, width 864, depth 16) - the default",
-    "PrimusL": "Primus-L (3D ViT, width 1056, depth 24)",
-    "Tiny": "a tiny Primus for CPU smoke runs (trains in seconds)",
-    "ResEncL": "ResEnc-L (3D residual-encoder U-Net, nnU-Net's ResEncL preset)",
-    "ResEncTiny": "a tiny residual-encoder U-Net for CPU smoke runs (ResEnc-L's layout, fewer channels)",
-}
-
-_PRESET = {"PrimusS": "S", "PrimusB": "B", "PrimusM": "M", "PrimusL": "L", "Tiny": "Tiny",
-           "ResEncL": "L", "ResEncTiny": "Tiny"}
-PRIMUS_BACKBONES = ("PrimusS", "PrimusB", "PrimusM", "PrimusL", "Tiny")
-RESENC_BACKBONES = ("ResEncL", "ResEncTiny")
+DERIVED_KEYS = ("total_steps", "warmup_steps")
 
 
 @dataclass(frozen=True)
-class TrainingConfig:
-    trainer_name: str = "IJEPATrainer"
-    method: str = "IJEPATrainer"
-    backbone: str = "PrimusM"
-    primus_preset: str = "M"
-    patch_size: tuple[int, int, int] = (160, 160, 160)
-    token_patch_size: tuple[int, int, int] = (8, 8, 8)
-    batch_size: int = 8
-    num_epochs: int = 1000
-    iterations_per_epoch: int = 250
-    num_val_iterations: int = 10
-    # optimisation
+class OptimConfig:
+    """AdamW and its schedules (section `optim`): linear warm-up then cosine lr, cosine weight
+    decay from start to final, global gradient-norm clipping (`grad_clip` 0: no clipping)."""
+
     peak_lr: float = 3e-4
     start_lr: float = 1e-5
     final_lr: float = 1e-6
@@ -58,58 +48,45 @@ class TrainingConfig:
     final_weight_decay: float = 0.4
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
-    ema_start: float = 0.996
-    ema_end: float = 1.0
-    drop_path_rate: float = 0.0
-    # I-JEPA
-    predictor_width: int = 384
-    predictor_depth: int = 6
-    loss: str = "smooth_l1"
-    num_targets: int = 4
-    target_scale: tuple[float, float] = (0.15, 0.20)
-    target_aspect: tuple[float, float] = (0.75, 1.5)
-    context_scale: tuple[float, float] = (0.85, 1.0)
-    min_keep: int = 10
-    # MAE
-    mae_mask_ratio: float = 0.75  # fraction of tokens (Primus) or 16³ blocks (ResEnc) masked
-    mae_block_size: int = 16  # ResEnc: side of the cubic input blocks that are masked together
-    mae_decoder_width: int = 384  # Primus: width of the small Eva decoder
-    mae_decoder_depth: int = 2  # Primus: depth of the small Eva decoder
-    # bookkeeping
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.peak_lr > 0:
+            problems.append(f"peak_lr must be positive, got {self.peak_lr}")
+        for name in ("start_lr", "final_lr", "start_weight_decay", "final_weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                problems.append(f"{name} must be a finite number >= 0, got {value}")
+        if not 0 <= self.warmup_fraction < 1:
+            problems.append(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            problems.append(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if problems:
+            raise InvalidInput("invalid optimizer settings:", problems)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    trainer_name: str = "IJEPATrainer"
+    method: str = "IJEPATrainer"  # a registered method (methods/registry.py)
+    backbone: str = "PrimusM"  # a registered backbone (models/registry.py)
+    patch_size: tuple[int, int, int] | None = None  # the crop in voxels; None: the plan's
+    batch_size: int | None = None  # global (split over GPUs); None: the plan's
+    num_epochs: int = 1000
+    iterations_per_epoch: int = 250
+    num_val_iterations: int = 10
     seed: int = 12345
-    extra: dict[str, Any] = field(default_factory=dict)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    ijepa: IJEPAConfig = field(default_factory=IJEPAConfig)
+    mae: MAEConfig = field(default_factory=MAEConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    loader: LoaderSettings = field(default_factory=LoaderSettings)
 
     @property
-    def backbone_family(self) -> str:
-        """"primus" (token ViT) or "resenc" (CNN)."""
-        return "resenc" if self.backbone in RESENC_BACKBONES else "primus"
-
-    @property
-    def token_size(self) -> tuple[int, int, int]:
-        """Voxels per mask cell: the Primus patch (8³) or ResEnc's bottleneck stride (32³)."""
-        return (32, 32, 32) if self.backbone_family == "resenc" else self.token_patch_size
-
-    @classmethod
-    def for_backbone(cls, method: str, backbone: str) -> "TrainingConfig":
-        config = cls(method=method, trainer_name=method, backbone=backbone,
-                     primus_preset=_PRESET[backbone])
-        if backbone in ("Tiny", "ResEncTiny"):
-            patch = (32, 32, 32) if backbone == "Tiny" else (64, 64, 64)
-            config = replace(config, patch_size=patch, batch_size=2, num_epochs=2,
-                             iterations_per_epoch=5, num_val_iterations=1, predictor_width=64,
-                             predictor_depth=2, min_keep=4, mae_decoder_width=48, mae_decoder_depth=1)
-        if backbone in RESENC_BACKBONES:
-            # a 5³ (160³ input) or 2³ (64³) cell grid: boxes of a few cells, small context floor
-            config = replace(config, min_keep=min(config.min_keep, 4))
-        if method == "MAETrainer":
-            # the reference nnssl MAE recipe where our schedule can express it: AdamW betas
-            # (0.9, 0.98), constant weight decay 0.05, drop path 0.2 for Primus (ResEnc has none),
-            # gradient clipping 1 (Primus) / 12 (ResEnc); warm-up + cosine instead of its poly lr
-            primus = backbone in PRIMUS_BACKBONES
-            config = replace(config, betas=(0.9, 0.98), start_weight_decay=0.05, final_weight_decay=0.05,
-                             drop_path_rate=0.2 if primus and backbone != "Tiny" else 0.0,
-                             grad_clip=1.0 if primus else 12.0)
-        return config
+    def backbone_entry(self) -> BackboneEntry:
+        return get_backbone(self.backbone)
 
     @property
     def total_steps(self) -> int:
@@ -117,65 +94,105 @@ class TrainingConfig:
 
     @property
     def warmup_steps(self) -> int:
-        return int(round(self.warmup_fraction * self.total_steps))
+        return int(round(self.optim.warmup_fraction * self.total_steps))
 
-    def schedule_config(self) -> "ScheduleConfig":
+    @property
+    def cell_size(self) -> tuple[int, int, int]:
+        """Voxels per token cell of the backbone (Primus: its patch embedding; ResEnc: its stride)."""
+        return self.backbone_entry.cell_size(self.model)
+
+    def schedule_config(self) -> ScheduleConfig:
         """The lr / wd / EMA schedules this configuration trains with."""
-        from nnssl.methods.schedules import ScheduleConfig
-
-        return ScheduleConfig(total_steps=self.total_steps, warmup_steps=self.warmup_steps,
-                              start_lr=self.start_lr, peak_lr=self.peak_lr, final_lr=self.final_lr,
-                              start_wd=self.start_weight_decay, final_wd=self.final_weight_decay,
-                              ema_start=self.ema_start, ema_end=self.ema_end)
+        o = self.optim
+        return ScheduleConfig(total_steps=self.total_steps, warmup_steps=self.warmup_steps, start_lr=o.start_lr,
+                              peak_lr=o.peak_lr, final_lr=o.final_lr, start_wd=o.start_weight_decay,
+                              final_wd=o.final_weight_decay, ema_start=self.ijepa.ema_start, ema_end=self.ijepa.ema_end)
 
     def problems(self) -> list[str]:
-        """Every inconsistency at once (empty when the configuration is usable)."""
+        """Every inconsistency between the sections at once (each section validated itself when
+        it was built); geometry checks wait until the geometry is known."""
         out = []
-        if self.method not in METHODS:
-            out.append(f"method {self.method!r} is not one of {sorted(METHODS)}")
-        if self.backbone not in BACKBONES:
-            out.append(f"backbone {self.backbone!r} is not one of {sorted(BACKBONES)}")
-        for name in ("batch_size", "num_epochs", "iterations_per_epoch"):
+        try:
+            method = get_method(self.method)
+        except UnknownMethod as e:
+            out.append(str(e))
+            method = None
+        try:
+            backbone = get_backbone(self.backbone)
+        except UnknownBackbone as e:
+            out.append(str(e))
+            backbone = None
+        for name in ("num_epochs", "iterations_per_epoch"):
             if getattr(self, name) < 1:
                 out.append(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.backbone in BACKBONES:
-            for axis, (p, t) in enumerate(zip(self.patch_size, self.token_size)):
-                if p < t or p % t:
-                    what = "ResEnc's total stride" if self.backbone_family == "resenc" else "the token size"
-                    out.append(f"patch size {self.patch_size} must be a multiple of {what} "
-                               f"{self.token_size} on every axis (axis {axis}: {p})")
-                    break
-        if not 0.0 < self.mae_mask_ratio < 1.0:
-            out.append(f"mae_mask_ratio must be in (0, 1), got {self.mae_mask_ratio}")
-        if self.method == "MAETrainer" and self.backbone_family == "resenc" and (
-                self.mae_block_size < 1 or any(p % self.mae_block_size for p in self.patch_size)):
-            out.append(f"mae_block_size {self.mae_block_size} must divide the patch size {self.patch_size}")
-        if not 0 <= self.warmup_fraction < 1:
-            out.append(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
-        if not 0 < self.ema_start <= self.ema_end <= 1:
-            out.append(f"EMA momentum must satisfy 0 < start <= end <= 1, got "
-                       f"{self.ema_start} -> {self.ema_end}")
-        if self.loss not in ("smooth_l1", "l1", "l2"):
-            out.append(f"loss {self.loss!r} must be smooth_l1, l1 or l2")
-        if self.peak_lr <= 0:
-            out.append(f"peak_lr must be positive, got {self.peak_lr}")
-        return out
+        if self.num_val_iterations < 0:
+            out.append(f"num_val_iterations must be >= 0, got {self.num_val_iterations}")
+        if self.batch_size is not None and self.batch_size < 1:
+            out.append(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.patch_size is not None and (len(self.patch_size) != 3 or min(self.patch_size) < 1):
+            out.append(f"patch_size must be 3 positive sizes, got {self.patch_size}")
+        elif backbone is not None:
+            family = backbone.family_entry
+            out += family.problems(self.model, self.patch_size or family.cell_size(self.model))
+            if method is not None and self.patch_size is not None and method.problems is not None:
+                out += method.problems(self, backbone)
+        return list(dict.fromkeys(out))
+
+    def check(self) -> TrainingConfig:
+        problems = self.problems()
+        if problems:
+            raise InvalidInput(f"trainer {self.trainer_name!r} resolves to an invalid configuration:", problems)
+        return self
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON types only (tuples become lists), with the derived step counts."""
-        d = asdict(self)
-        for k, v in d.items():
-            if isinstance(v, tuple):
-                d[k] = list(v)
-        d["total_steps"] = self.total_steps
-        d["warmup_steps"] = self.warmup_steps
-        return d
+        """Plain JSON types (sections as objects, tuples as lists), plus the derived step counts."""
+        return {**to_plain(self), "total_steps": self.total_steps, "warmup_steps": self.warmup_steps}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainingConfig":
-        names = {f.name for f in fields(cls)}
-        kwargs = {}
-        for k, v in data.items():
-            if k in names:
-                kwargs[k] = tuple(v) if isinstance(v, list) else v
-        return cls(**kwargs)
+    def from_dict(cls, data: dict[str, Any]) -> TrainingConfig:
+        """Inverse of `to_dict` (derived keys ignored; unknown keys are an error)."""
+        return from_dict(cls, {k: v for k, v in data.items() if k not in DERIVED_KEYS}, "training configuration")
+
+
+def round_up_to_cells(patch: tuple[int, ...], cell: tuple[int, ...]) -> tuple[int, int, int]:
+    return tuple(max(c, c * math.ceil(p / c)) for p, c in zip(patch, cell))  # type: ignore[return-value]
+
+
+def with_geometry(config: TrainingConfig, plan_patch: list[int] | tuple[int, ...] | None,
+                  plan_batch: int | None, plan_name: str = "the plan") -> tuple[TrainingConfig, list[str]]:
+    """Fill the crop and the global batch from the plan's configuration where the trainer left
+    them open, and say where each came from (one line each, for the training log).
+
+    A plan patch that the backbone cannot tile (ResEnc needs multiples of its stride 32, Primus of
+    its patch embedding) is rounded up to the next multiple, and the log says so."""
+    notes = []
+    patch, batch = config.patch_size, config.batch_size
+    if patch is None:
+        if not plan_patch:
+            raise InvalidInput(f"{plan_name} has no patch_size and trainer {config.trainer_name!r} sets none; add "
+                               "_P<N> to the trainer name or --set patch_size=[X,Y,Z]")
+        planned = tuple(int(p) for p in plan_patch)
+        patch = round_up_to_cells(planned, config.cell_size)
+        if patch != planned:
+            notes.append(f"patch size {list(patch)}: {plan_name}'s {list(planned)} rounded up to multiples of the "
+                         f"{config.backbone} token cell {list(config.cell_size)}")
+        else:
+            notes.append(f"patch size {list(patch)} from {plan_name}")
+    elif plan_patch and tuple(plan_patch) != tuple(patch):
+        notes.append(f"patch size {list(patch)} set by the trainer overrides {plan_name}'s {list(plan_patch)}")
+    if batch is None:
+        if not plan_batch:
+            raise InvalidInput(f"{plan_name} has no batch_size and trainer {config.trainer_name!r} sets none; add "
+                               "_BS<N> to the trainer name or --set batch_size=N")
+        batch = int(plan_batch)
+        notes.append(f"global batch size {batch} from {plan_name}")
+    elif plan_batch and int(plan_batch) != batch:
+        notes.append(f"global batch size {batch} set by the trainer overrides {plan_name}'s {plan_batch}")
+    resolved = replace(config, patch_size=tuple(int(p) for p in patch), batch_size=int(batch))
+    return resolved.check(), notes
+
+
+def section_names() -> list[str]:
+    """The sections of the configuration, in order (for help texts and docs)."""
+    return [f.name for f in fields(TrainingConfig) if f.name in
+            ("model", "optim", "mask", "ijepa", "mae", "augment", "loader")]

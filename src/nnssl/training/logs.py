@@ -67,10 +67,6 @@ class TrainingLog:
         if self._wandb is not None:
             self._wandb.log({k: float(v) for k, v in values.items()}, step=int(step))
 
-    def last(self, name: str) -> float | None:
-        points = self.history.get(name)
-        return points[-1][1] if points else None
-
     def state(self) -> dict[str, list[list[float]]]:
         return {k: [list(p) for p in v] for k, v in self.history.items()}
 

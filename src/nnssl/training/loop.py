@@ -1,9 +1,10 @@
 """The training loop: one readable step, with checkpointing, validation and logging around it.
 
-A step: set the scheduled lr / wd → forward the method on this rank's share of the global batch
-(bf16 autocast on CUDA) → backward (DDP averages the gradients) → skip the update if the loss or
-the gradient is not finite on any rank → clip → AdamW step → `method.after_optimizer_step`
-(I-JEPA's EMA teacher). Everything the step depends on (batches, masks, schedules) is a pure
+A step (`training/step.py`, shared with the in-memory loop and the step-time calibration): set
+the scheduled lr / wd → forward the method on this rank's share of the global batch (bf16
+autocast on CUDA) → backward (DDP averages the gradients) → clip → skip the update if the loss or
+the gradient is not finite on any rank → AdamW step → `method.after_optimizer_step` (I-JEPA's EMA
+teacher). Everything the step depends on (batches, masks, schedules) is a pure
 function of the step number, so a checkpoint with the step, weights, optimizer and RNG state
 resumes exactly.
 
@@ -32,6 +33,7 @@ from nnssl.methods.monitors import CollapseTracker, collapse_alarms, collapse_me
 from nnssl.methods.schedules import lr_at, momentum_at, wd_at
 from nnssl.training import distributed
 from nnssl.training.setup import RunContext, loader_config
+from nnssl.training.step import StepResult, optimizer_step
 
 logger = get_logger(__name__)
 
@@ -146,33 +148,19 @@ class Trainer:
 
     # ---- one step ------------------------------------------------------------------------------
 
-    def train_step(self, batch: Any, step: int) -> tuple[float, Any, bool]:
-        """(loss, method output, applied): one optimizer step on `batch`."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(step, self.schedule)
-            if group.get("apply_wd", True):
-                group["weight_decay"] = wd_at(step, self.schedule)
-        self.optimizer.zero_grad(set_to_none=True)
-        data = batch.data.to(self.device, non_blocking=True)
-        anon = batch.anonymization_mask.to(self.device, non_blocking=True)
-        with self._autocast():
-            out = self.model(data, anon, step, self.dist.rank, self.dist.world_size)
-        out.loss.backward()  # also when not finite: every rank must join the gradient all-reduce
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip if self.config.grad_clip > 0
-                                                   else float("inf"))
-        loss = float(out.loss.detach())
-        bad_here = 0.0 if math.isfinite(loss) and math.isfinite(float(grad_norm)) else 1.0
-        bad, stop = distributed.all_reduce_max_flags([bad_here, 1.0 if self._stop_requested() else 0.0],
-                                                     self.dist.device)
-        self._stop_flag = stop > 0
-        if bad > 0:
-            self.optimizer.zero_grad(set_to_none=True)
-            return loss, out, False
-        self.optimizer.step()
-        self.method.after_optimizer_step(step, momentum_at(step, self.schedule))
-        self._last_grad_norm = float(grad_norm)
-        return loss, out, True
+    def train_step(self, batch: Any, step: int) -> StepResult:
+        """One optimizer step on `batch` (training/step.py), agreed over ranks."""
+        rank, world = self.dist.rank, self.dist.world_size
+        result = optimizer_step(
+            self.method, self.optimizer, batch.data.to(self.device, non_blocking=True),
+            batch.anonymization_mask.to(self.device, non_blocking=True), step, self.schedule,
+            self.config.optim.grad_clip, forward=lambda v, a, s: self.model(v, a, s, rank, world),
+            autocast=self._autocast, agree=lambda flags: distributed.all_reduce_max_flags(flags, self.dist.device),
+            stop_requested=self._stop_requested())
+        self._stop_flag = result.stop
+        if result.applied:
+            self._last_grad_norm = result.grad_norm
+        return result
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -196,10 +184,11 @@ class Trainer:
                 t0 = time.perf_counter()
                 batch = next(batches)
                 t1 = time.perf_counter()
-                loss, out, applied = self.train_step(batch, state.step)
+                result = self.train_step(batch, state.step)
+                loss, out = result.loss, result.output
                 interval.add(loss, time.perf_counter() - t0, t1 - t0)
-                nonfinite = 0 if applied else nonfinite + 1
-                if not applied:
+                nonfinite = 0 if result.applied else nonfinite + 1
+                if not result.applied:
                     logger.warning("step %d skipped: loss %s or gradient not finite (cases: %s)", state.step, loss,
                                    ", ".join(batch.image_ids))
                 state.step += 1
@@ -211,7 +200,7 @@ class Trainer:
                     raise TrainingDiverged(
                         f"the loss was not finite for {nonfinite} consecutive steps (last cases: "
                         f"{', '.join(batch.image_ids)}); training stopped at step {state.step}. The last good "
-                        f"state is in {path}. Lower the learning rate (peak_lr {cfg.peak_lr}) or check those "
+                        f"state is in {path}. Lower the learning rate (optim.peak_lr {cfg.optim.peak_lr}) or check those "
                         "cases for extreme intensities, then resume with --c")
                 if state.step % self.log_every == 0 or state.step == end:
                     self._log(state.step, interval, out)

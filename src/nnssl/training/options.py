@@ -1,8 +1,8 @@
 """Run options of `nnssl_train`: what to train on and how to run it (not hyperparameters).
 
-Hyperparameters come from the trainer name (`TrainingConfig`); these are the knobs of one run:
-the dataset, devices, resume, workers, checkpoint cadence. Validated once, all problems
-reported together.
+Hyperparameters live in the `TrainingConfig` (trainer name plus overrides); these are the knobs
+of one run: the dataset, devices, resume, workers, checkpoint cadence. Validated once, all
+problems reported together.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ PRECISIONS = ("auto", "bf16", "fp32")
 class RunOptions:
     dataset: str | int | None = None  # None: the only preprocessed dataset
     configuration: str = "onemmiso"
-    trainer: str = "IJEPATrainer"
     plans: str = "nnsslPlans"
     num_gpus: int = 1
     device: str | None = None  # None: cuda when available, else cpu

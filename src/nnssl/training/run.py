@@ -19,6 +19,7 @@ from pathlib import Path
 from nnssl.io_utils import write_json
 from nnssl.log import add_log_file, get_logger, setup_logging
 from nnssl.training import distributed
+from nnssl.training.config import TrainingConfig
 from nnssl.training.loop import TrainOutcome, Trainer
 from nnssl.training.options import RunOptions
 from nnssl.training.setup import RunContext, build_context
@@ -27,28 +28,28 @@ from nnssl.training.state import TrainState, load_pretrained_weights, resume_sta
 logger = get_logger(__name__)
 
 
-def train(options: RunOptions) -> TrainOutcome | None:
-    """Run (or resume) a training; returns rank 0's outcome (None on other ranks / spawned runs)."""
+def train(options: RunOptions, config: TrainingConfig) -> TrainOutcome | None:
+    """Run (or resume) a training of `config` (a trainer name resolved with its overrides,
+    `training/names.py`); returns rank 0's outcome (None on other ranks / spawned runs)."""
     if distributed.launched_by_torchrun():
-        return _train_rank(options)
+        return _train_rank(options, config)
     if options.num_gpus > 1:
-        # validate the trainer and the data once, in this process, before spawning N of them
-        from nnssl.training.registry import resolve_trainer
-        from nnssl.training.setup import check_batch_split, load_data
+        # validate the configuration and the data once, in this process, before spawning N of them
+        from nnssl.training.setup import check_batch_split, load_data, resolve_run_config
 
-        check_batch_split(resolve_trainer(options.trainer).config, options.num_gpus)
-        load_data(options, resolve_trainer(options.trainer).config.seed)
-        distributed.spawn_local(_spawned_rank, options.num_gpus, (options,))
+        data = load_data(options, config.seed)
+        check_batch_split(resolve_run_config(config, data, options.configuration)[0], options.num_gpus)
+        distributed.spawn_local(_spawned_rank, options.num_gpus, (options, config))
         return None
-    return _train_rank(options)
+    return _train_rank(options, config)
 
 
-def _spawned_rank(options: RunOptions) -> None:
+def _spawned_rank(options: RunOptions, config: TrainingConfig) -> None:
     setup_logging(False)
-    _train_rank(options)
+    _train_rank(options, config)
 
 
-def _train_rank(options: RunOptions) -> TrainOutcome:
+def _train_rank(options: RunOptions, config: TrainingConfig) -> TrainOutcome:
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -56,7 +57,7 @@ def _train_rank(options: RunOptions) -> TrainOutcome:
     info = distributed.init_process_group(rank, local_rank, world_size, device)
     state = None
     try:
-        ctx = build_context(options, info)
+        ctx = build_context(options, config, info)
         state = _initial_state(ctx)
         if state is None:  # already finished
             return TrainOutcome(ctx.config.total_steps, True, None, str(ctx.output_folder / "checkpoint_final.pth"))
@@ -93,6 +94,8 @@ def _initial_state(ctx: RunContext) -> TrainState | None:
     if ctx.dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         state.log_file_handler = add_log_file(out / f"training_log_{time.strftime('%Y_%m_%d_%H_%M_%S')}.txt")
+        for note in ctx.geometry_notes:
+            logger.info(note)
         write_json(out / "training_config.json", {"trainer": ctx.config.to_dict(), "run": _options_dict(ctx.options),
                                                   "world_size": ctx.dist.world_size, "device": ctx.dist.device})
         write_json(ctx.run_folder / "plans.json", ctx.data.plans.to_dict())
@@ -102,7 +105,7 @@ def _initial_state(ctx: RunContext) -> TrainState | None:
         logger.info("%s on %s: %d train / %d val cases, %d steps (%d epochs x %d), global batch %d on %d "
                     "process(es), device %s -> %s", ctx.config.trainer_name, ctx.data.dataset,
                     len(ctx.data.train_cases), len(ctx.data.val_cases), ctx.config.total_steps,
-                    ctx.config.num_epochs, ctx.config.iterations_per_epoch, ctx.config.batch_size,
+                    ctx.config.num_epochs, ctx.config.iterations_per_epoch, ctx.batch_size,
                     ctx.dist.world_size, ctx.dist.device, out)
     distributed.barrier()
     return state

@@ -1,16 +1,16 @@
 """Everything a training run needs before its first step, built from the run options.
 
-Reads the plans and the preprocessed case list, draws (or reuses) the subject split, resolves
-the trainer name into its configuration, builds the method, the optimizer and the loaders, and
-names the output folders in the reference layout:
+Reads the plans and the preprocessed case list, draws (or reuses) the subject split, completes
+the training configuration with the plan's geometry (patch and batch size, unless the trainer
+sets them), builds the method, the optimizer and the loaders, and names the output folders in
+the reference layout:
 `$nnssl_results/DatasetXXX_Name/<Trainer>__<plans>__<config>/fold_all/`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -22,10 +22,9 @@ from nnssl.errors import NnsslError
 from nnssl.log import get_logger
 from nnssl.methods.base import PretrainingMethod
 from nnssl.planning.plans import Plans
-from nnssl.training.config import TrainingConfig
+from nnssl.training.config import TrainingConfig, with_geometry
 from nnssl.training.distributed import DistInfo
 from nnssl.training.options import RunOptions
-from nnssl.training.registry import resolve_trainer
 
 logger = get_logger(__name__)
 
@@ -44,14 +43,20 @@ class RunContext:
     config: TrainingConfig
     dist: DistInfo
     data: DataSetup
-    method: Any  # PretrainingMethod (an nn.Module), on the device
+    method: PretrainingMethod  # an nn.Module, on the device
     optimizer: torch.optim.Optimizer
     run_folder: Path  # .../<Trainer>__<plans>__<config>
     output_folder: Path  # run_folder / fold_all
+    geometry_notes: list[str] = field(default_factory=list)  # where patch and batch size came from
 
     @property
     def local_batch_size(self) -> int:
-        return self.config.batch_size // self.dist.world_size
+        return self.batch_size // self.dist.world_size
+
+    @property
+    def batch_size(self) -> int:
+        assert self.config.batch_size is not None  # with_geometry resolved it
+        return self.config.batch_size
 
 
 def pick_dataset(dataset: str | int | None) -> str:
@@ -72,36 +77,45 @@ def run_folders(dataset: str, trainer: str, plans: str, configuration: str) -> t
     return run, run / "fold_all"
 
 
-def load_data(options: RunOptions, seed: int) -> DataSetup:
+def load_plans(options: RunOptions) -> DataSetup:
+    """The dataset and its plans (`-p`), without the case list (for `--print_config`)."""
+    from nnssl.preprocessing.runner import load_plans as read_plans
+
     dataset = pick_dataset(options.dataset)
-    pre = paths.preprocessed_dataset_dir(dataset)
-    plans_path = pre / f"{options.plans}.json"
-    if not plans_path.is_file():
-        raise NnsslError(f"{plans_path} does not exist; run nnssl_plan_and_preprocess -d {dataset} "
-                         f"(or pass the plans name with -p)")
-    plans = Plans.load(plans_path)
+    plans = read_plans(paths.preprocessed_dataset_dir(dataset), options.plans)
     plans.configuration(options.configuration)  # raises with the valid names
-    collection = pre / f"pretrain_data__{options.configuration}.json"
+    return DataSetup(dataset, plans, [], [])
+
+
+def load_data(options: RunOptions, seed: int) -> DataSetup:
+    from nnssl.preprocessing.runner import preprocessed_collection_path
+
+    data = load_plans(options)
+    pre = paths.preprocessed_dataset_dir(data.dataset)
+    collection = preprocessed_collection_path(pre, data.plans, options.configuration)
     if not collection.is_file():
-        raise NnsslError(f"{collection} does not exist: configuration {options.configuration!r} is not "
-                         f"preprocessed; run nnssl_preprocess -d {dataset} -c {options.configuration}")
+        raise NnsslError(f"{collection} does not exist: configuration {options.configuration!r} of {options.plans} is "
+                         f"not preprocessed; run nnssl_preprocess -d {data.dataset} -c {options.configuration} "
+                         f"-p {options.plans}")
     cases = load_cases(collection)
     splits = make_or_load_splits(cases, pre / "splits_final.json", seed=seed)
-    train, val = split_cases(cases, splits)
-    return DataSetup(dataset, plans, train, val)
+    data.train_cases, data.val_cases = split_cases(cases, splits)
+    return data
 
 
 def loader_config(config: TrainingConfig, options: RunOptions, local_batch: int, validation: bool = False
                   ) -> LoaderConfig:
     """Training batches are augmented; validation batches are plain crops with their own seed."""
+    assert config.patch_size is not None  # with_geometry resolved it
     return LoaderConfig(patch_size=config.patch_size, batch_size=local_batch,
                         num_workers=0 if validation else options.num_workers,
-                        augment=AugmentConfig.disabled() if validation else AugmentConfig(),
+                        foreground_probability=config.loader.foreground_probability,
+                        augment=AugmentConfig.disabled() if validation else config.augment,
                         seed=config.seed + (1 if validation else 0))
 
 
 def check_batch_split(config: TrainingConfig, world_size: int) -> None:
-    if config.batch_size % world_size:
+    if config.batch_size is not None and config.batch_size % world_size:
         raise NnsslError(f"the global batch size {config.batch_size} of {config.trainer_name} does not split "
                          f"evenly over {world_size} processes; use a _BS<N> suffix divisible by {world_size}")
 
@@ -115,17 +129,24 @@ def build_optimizer(method: PretrainingMethod, config: TrainingConfig) -> torch.
     device = next(iter(method.parameters())).device
     fused = device.type in ("cpu", "cuda")
     return torch.optim.AdamW(method.parameter_groups(wd_at(0, schedule)), lr=lr_at(0, schedule),
-                             betas=config.betas, fused=fused)
+                             betas=config.optim.betas, fused=fused)
 
 
-def build_context(options: RunOptions, dist: DistInfo) -> RunContext:
-    """Resolve, read and build everything (no training, no writes)."""
+def resolve_run_config(config: TrainingConfig, data: DataSetup, configuration: str
+                       ) -> tuple[TrainingConfig, list[str]]:
+    """`config` with the plan's geometry filled in, and where patch and batch size came from."""
+    plan = data.plans.configuration(configuration)
+    return with_geometry(config, plan.patch_size, plan.batch_size, f"{data.plans.plans_name}.json ({configuration})")
+
+
+def build_context(options: RunOptions, config: TrainingConfig, dist: DistInfo) -> RunContext:
+    """Read, resolve and build everything (no training, no writes)."""
     from nnssl.methods.factory import build_method
 
-    config = resolve_trainer(options.trainer).config
-    check_batch_split(config, dist.world_size)
     data = load_data(options, config.seed)
+    config, notes = resolve_run_config(config, data, options.configuration)
+    check_batch_split(config, dist.world_size)
     method = build_method(config, input_channels=1).to(dist.device)
     optimizer = build_optimizer(method, config)
-    run_folder, output_folder = run_folders(data.dataset, options.trainer, options.plans, options.configuration)
-    return RunContext(options, config, dist, data, method, optimizer, run_folder, output_folder)
+    run_folder, output_folder = run_folders(data.dataset, config.trainer_name, options.plans, options.configuration)
+    return RunContext(options, config, dist, data, method, optimizer, run_folder, output_folder, notes)

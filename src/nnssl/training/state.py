@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from nnssl.export.adaptation_plan import adaptation_plan, check_downstream_keys, citations
 from nnssl.log import get_logger
+from nnssl.settings import differences
 from nnssl.training.checkpoint import (CheckpointError, capture_rng_state, load_checkpoint, require_resume_state,
                                        restore_rng_state, save_checkpoint)
 from nnssl.training.logs import TrainingLog  # noqa: F401  (TrainState.log)
@@ -101,11 +102,11 @@ def resume_state(trainer_ctx: Any, path: Path) -> tuple[TrainState, dict[str, li
     if data.get("trainer_name") != trainer_ctx.config.trainer_name:
         raise CheckpointError(f"{path} was written by trainer {data.get('trainer_name')!r}, this run is "
                               f"{trainer_ctx.config.trainer_name!r}; resume with the same -tr")
-    saved, current = data["training_config"], trainer_ctx.config.to_dict()
-    changed = sorted(k for k in current if k in saved and saved[k] != current[k])
+    changed = differences(data["training_config"], trainer_ctx.config.to_dict())
     if changed:
-        raise CheckpointError(f"{path} was trained with other settings ({', '.join(changed)}); an exact resume "
-                              "needs the same configuration")
+        listed = "\n".join(f"  - {key}: checkpoint {old!r}, this run {new!r}" for key, old, new in changed)
+        raise CheckpointError(f"{path} was trained with other settings; an exact resume needs the same "
+                              f"configuration (the same -tr, --config and --set):\n{listed}")
     trainer_ctx.method.load_state_dict(data["method_state"])
     trainer_ctx.optimizer.load_state_dict(data["optimizer_state"])
     restore_rng_state(data["rng"])

@@ -11,7 +11,7 @@ import pytest
 from nnssl.data.builders import create_dataset
 from nnssl.data.phantoms import PhantomConfig, write_phantom_collection
 from nnssl.errors import NnsslError
-from nnssl.preprocessing import pool
+from nnssl import workers as pool
 from nnssl.preprocessing.case import STAGES
 from nnssl.preprocessing.runner import plan_and_preprocess
 
