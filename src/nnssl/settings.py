@@ -156,7 +156,7 @@ def _suggest(name: str, options: list[str]) -> str:
     return f" (did you mean {', '.join(close)}?)" if close else ""
 
 
-def _build(cls: type[T], data: Mapping[str, Any], prefix: str, problems: list[str]) -> T:
+def _build(cls: Any, data: Mapping[str, Any], prefix: str, problems: list[str]) -> Any:
     hints = _hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     kwargs = {}
@@ -167,13 +167,13 @@ def _build(cls: type[T], data: Mapping[str, Any], prefix: str, problems: list[st
             continue
         kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}", problems)
     if len(problems) > start:  # a bad value or unknown key: the constructor would only add noise
-        return None  # type: ignore[return-value]
+        return None
     try:
         return cls(**kwargs)
     except (InvalidInput, TypeError, ValueError) as e:  # sections list their problems in `.problems`
         section = prefix.rstrip(".") or cls.__name__
         problems += [f"{section}: {p}" for p in (getattr(e, "problems", None) or [str(e)])]
-    return None  # type: ignore[return-value]
+    return None
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any], what: str = "configuration") -> T:

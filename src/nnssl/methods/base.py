@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
@@ -63,15 +63,24 @@ class MethodInputs(Protocol):
     """The settings method builders read (the training configuration provides them, so methods
     never import the training layer): the crop, the seed and the sections of each method."""
 
-    trainer_name: str
-    method: str  # a registered method (methods/registry.py)
-    backbone: str  # a registered backbone (models/registry.py)
-    patch_size: tuple[int, int, int] | None
-    seed: int
-    model: ModelSettings
-    mask: MaskConfig
-    ijepa: IJEPAConfig
-    mae: MAEConfig
+    @property
+    def trainer_name(self) -> str: ...
+    @property
+    def method(self) -> str: ...  # a registered method (methods/registry.py)
+    @property
+    def backbone(self) -> str: ...  # a registered backbone (models/registry.py)
+    @property
+    def patch_size(self) -> tuple[int, int, int] | None: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def model(self) -> ModelSettings: ...
+    @property
+    def mask(self) -> MaskConfig: ...
+    @property
+    def ijepa(self) -> IJEPAConfig: ...
+    @property
+    def mae(self) -> MAEConfig: ...
 
 
 @dataclass
@@ -87,31 +96,31 @@ class MethodOutput:
     scalars: dict[str, float] = field(default_factory=dict)  # extra cheap numbers to log
 
 
-@runtime_checkable
-class PretrainingMethod(Protocol):
-    """Implemented by `IJEPAMethod`, `MAEMethod`, ... (nn.Modules)."""
+class PretrainingMethod(nn.Module):
+    """The base class of every method module (I-JEPA, MAE, ...): an `nn.Module` whose
+    `state_dict()` is everything needed to resume, with the four hooks the loop calls."""
 
-    backbone: BackboneSpec  # what export writes into the adaptation plan
+    backbone: BackboneSpec  # what export writes into the adaptation plan (set by every registered builder)
     embed_dim: int  # width of the monitor features (collapse thresholds scale with it)
 
-    def training_output(self, volumes: torch.Tensor, anonymization_mask: torch.Tensor, step: int,
+    def training_output(self, volumes: torch.Tensor, anonymization_mask: torch.Tensor | None, step: int,
                         rank: int = 0, world_size: int = 1, stream: int = TRAIN_STREAM) -> MethodOutput:
         """Loss (and monitor features) for this rank's share [B, C, X, Y, Z] of the global batch
         (samples rank·B .. rank·B + B − 1); `anonymization_mask` [B, 1, X, Y, Z] bool marks
         defaced voxels to exclude from any voxel loss. Random masks are drawn per *global*
         sample index, so R ranks see exactly the masks of one process with batch R·B."""
-        ...
+        raise NotImplementedError
 
     def after_optimizer_step(self, step: int, momentum: float) -> None:
         """Called once per optimizer step, after `optimizer.step()` (EMA teachers update here;
         `momentum` is the scheduled EMA momentum of this step)."""
-        ...
+        raise NotImplementedError
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups over the trainable parameters; each has `name` and `apply_wd` (whether
         the scheduled weight decay applies to it)."""
-        ...
+        raise NotImplementedError
 
     def export_encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """`network_weights`: CPU tensors keyed as the downstream network names them."""
-        ...
+        raise NotImplementedError

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnssl.errors import InvalidInput, NnsslError
-from nnssl.methods.base import TRAIN_STREAM, MethodOutput, parameter_groups_by_part
+from nnssl.methods.base import TRAIN_STREAM, MethodOutput, PretrainingMethod, parameter_groups_by_part
 from nnssl.methods.masks import MaskBatch, MultiBlockMaskSampler
 from nnssl.models.backbone import BackboneSpec
 from nnssl.models.predictor import JEPAPredictor
@@ -135,7 +135,7 @@ def ijepa_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "smooth_l1"
     raise InvalidIJEPAConfig([f"loss={kind!r} must be one of {LOSSES}"])
 
 
-class IJEPA(nn.Module):
+class IJEPA(PretrainingMethod):
     """Student (the given encoder), teacher (a deep copy, frozen, always in eval mode) and
     predictor. `state_dict()` holds all three, so a checkpoint resumes exactly."""
 

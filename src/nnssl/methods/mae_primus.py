@@ -34,7 +34,7 @@ from timm.models.eva import EvaBlock
 from torch import nn
 
 from nnssl.errors import InvalidInput
-from nnssl.methods.base import TRAIN_STREAM, MethodOutput, parameter_groups_by_part
+from nnssl.methods.base import TRAIN_STREAM, MethodOutput, PretrainingMethod, parameter_groups_by_part
 from nnssl.methods.mae import (RandomMasks, RandomMaskSampler, check_anonymization_mask,
                                masked_mse)
 from nnssl.models.backbone import BackboneSpec
@@ -125,7 +125,7 @@ class PrimusMAEOutput:
     visible_tokens: torch.Tensor  # [B, K, E]: encoder output of the visible tokens
 
 
-class PrimusMAE(nn.Module):
+class PrimusMAE(PretrainingMethod):
     """Primus encoder (`encoder.primus.*`) + MAE decoder (`decoder.*`). `state_dict()` holds
     both, so a checkpoint resumes exactly; `export_encoder_state_dict()` only the encoder."""
 

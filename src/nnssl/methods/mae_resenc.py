@@ -24,7 +24,7 @@ from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
 from torch import nn
 
 from nnssl.errors import InvalidInput
-from nnssl.methods.base import TRAIN_STREAM, MethodOutput, parameter_groups_by_part
+from nnssl.methods.base import TRAIN_STREAM, MethodOutput, PretrainingMethod, parameter_groups_by_part
 from nnssl.methods.mae import (RandomMasks, RandomMaskSampler, check_anonymization_mask, cpu_state_dict,
                                masked_mse)
 from nnssl.models.backbone import BackboneSpec
@@ -44,7 +44,7 @@ class ResEncMAEOutput:
     bottleneck: torch.Tensor      # [B, N, F]: deepest encoder features of the masked input, C-order
 
 
-class ResEncMAE(nn.Module):
+class ResEncMAE(PretrainingMethod):
     """A `ResidualEncoderUNet` trained to fill in zeroed 16³ blocks (`network.*` in the state
     dict, everything needed to resume)."""
 

@@ -188,7 +188,8 @@ def with_geometry(config: TrainingConfig, plan_patch: list[int] | tuple[int, ...
         notes.append(f"global batch size {batch} from {plan_name}")
     elif plan_batch and int(plan_batch) != batch:
         notes.append(f"global batch size {batch} set by the trainer overrides {plan_name}'s {plan_batch}")
-    resolved = replace(config, patch_size=tuple(int(p) for p in patch), batch_size=int(batch))
+    x, y, z = (int(p) for p in patch)
+    resolved = replace(config, patch_size=(x, y, z), batch_size=int(batch))
     return resolved.check(), notes
 
 

@@ -65,14 +65,13 @@ def pretrain_on_batches(config: TrainingConfig, batches: Iterable[torch.Tensor],
     source = iter(batches)
     nonfinite = 0
     for step in range(steps):
-        try:
-            batch = next(source)
-        except StopIteration:
+        item = next(source, None)
+        if item is None:  # cycle the iterable
             source = iter(batches)
-            batch = next(source, None)
-            if batch is None:
-                raise InvalidInput("the batches to pretrain on are empty") from None
-        batch = torch.as_tensor(batch, dtype=torch.float32).to(device)
+            item = next(source, None)
+            if item is None:
+                raise InvalidInput("the batches to pretrain on are empty")
+        batch = torch.as_tensor(item, dtype=torch.float32).to(device)
         if batch.ndim != 5:
             raise InvalidInput(f"batches must be [B, C, X, Y, Z] volumes, got {list(batch.shape)}")
         result = optimizer_step(method, optimizer, batch, torch.zeros_like(batch, dtype=torch.bool), step, schedule,
@@ -105,5 +104,5 @@ def pretrain_in_memory(volumes: np.ndarray, trainer: str | TrainingConfig, steps
     if config.patch_size is None or config.batch_size is None:
         raise InvalidInput(f"{config.trainer_name!r} has no patch or batch size for in-memory pretraining; give them "
                            "in the name (_P<N>_BS<N>), as overrides or as batch_size=")
-    crops = random_crops(volumes, tuple(config.patch_size), config.batch_size, seed)
+    crops = random_crops(volumes, config.patch_size, config.batch_size, seed)
     return pretrain_on_batches(config, crops, steps)

@@ -20,7 +20,7 @@ import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -28,12 +28,16 @@ from torch.nn.parallel import DistributedDataParallel
 from nnssl.dataloading.loader import PretrainLoader
 from nnssl.errors import NnsslError
 from nnssl.log import get_logger
-from nnssl.methods.base import VALIDATION_STREAM
+from nnssl.methods.base import VALIDATION_STREAM, MethodOutput, PretrainingMethod
 from nnssl.methods.monitors import CollapseTracker, collapse_alarms, collapse_metrics
 from nnssl.methods.schedules import lr_at, momentum_at, wd_at
 from nnssl.training import distributed
 from nnssl.training.setup import RunContext, loader_config
 from nnssl.training.step import StepResult, optimizer_step
+
+if TYPE_CHECKING:
+    from nnssl.training.logs import TrainingLog
+    from nnssl.training.state import TrainState
 
 logger = get_logger(__name__)
 
@@ -55,11 +59,12 @@ class _StepModule(torch.nn.Module):
     """Routes DDP's forward to `method.training_output` (DDP syncs gradients of what its own
     forward ran)."""
 
-    def __init__(self, method: torch.nn.Module) -> None:
+    def __init__(self, method: PretrainingMethod) -> None:
         super().__init__()
         self.method = method
 
-    def forward(self, volumes: torch.Tensor, anon: torch.Tensor, step: int, rank: int, world_size: int) -> Any:
+    def forward(self, volumes: torch.Tensor, anon: torch.Tensor, step: int, rank: int, world_size: int
+                ) -> MethodOutput:
         return self.method.training_output(volumes, anon, step, rank=rank, world_size=world_size)
 
 
@@ -113,9 +118,7 @@ def cpu_has_native_bf16() -> bool:
 
 
 class Trainer:
-    def __init__(self, ctx: RunContext, state: Any) -> None:
-        from nnssl.training.state import TrainState
-
+    def __init__(self, ctx: RunContext, state: TrainState) -> None:
         self.ctx, self.config, self.dist = ctx, ctx.config, ctx.dist
         self.method, self.optimizer = ctx.method, ctx.optimizer
         self.state: TrainState = state
@@ -132,7 +135,7 @@ class Trainer:
         self.log_every = ctx.options.log_every or max(1, min(50, self.config.iterations_per_epoch))
         self._last_checkpoint_time = time.monotonic()
 
-    def _wrap(self, method: torch.nn.Module) -> torch.nn.Module:
+    def _wrap(self, method: PretrainingMethod) -> torch.nn.Module:
         step_module = _StepModule(method)
         if not self.dist.distributed:
             return step_module
@@ -145,6 +148,13 @@ class Trainer:
         precision = self.ctx.options.precision
         use_bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+    @property
+    def log(self) -> TrainingLog:
+        """The training log (rank 0 only: other ranks never record)."""
+        if self.state.log is None:
+            raise RuntimeError("the training log exists on rank 0 only")
+        return self.state.log
 
     # ---- one step ------------------------------------------------------------------------------
 
@@ -272,7 +282,7 @@ class Trainer:
         self.method.train()
         val = distributed.all_reduce_mean([sum(losses) / len(losses)], self.dist.device)[0]
         if self.dist.is_main:
-            self.state.log.record(step, {"val_loss": val})
+            self.log.record(step, {"val_loss": val})
             logger.info("epoch %d/%d done: val_loss %.5f", step // self.config.iterations_per_epoch,
                         self.config.num_epochs, val)
         return val
@@ -285,7 +295,7 @@ class Trainer:
             "train_loss": sum(interval.losses) / len(interval.losses) if interval.losses else float("nan"),
             "lr": lr_at(step - 1, self.schedule), "weight_decay": wd_at(step - 1, self.schedule),
             "ema_momentum": momentum_at(step - 1, self.schedule),
-            "samples_per_s": cfg.batch_size * interval.steps / max(interval.step_time, 1e-9),
+            "samples_per_s": self.ctx.batch_size * interval.steps / max(interval.step_time, 1e-9),
             "data_wait_fraction": interval.wait_time / max(interval.step_time, 1e-9),
             "grad_norm": getattr(self, "_last_grad_norm", float("nan")),
         }
@@ -300,7 +310,7 @@ class Trainer:
                 report("step %d: %s", step, alarm)
             for warning in self.tracker.update(step, values["train_loss"], values):
                 logger.warning(warning)
-        self.state.log.record(step, values)
+        self.log.record(step, values)
         shown = ("train_loss", "lr", "samples_per_s", "data_wait_fraction", "token_rankme", "target_std", "cos_across")
         logger.info("step %d/%d (epoch %d/%d): %s", step, cfg.total_steps, (step - 1) // cfg.iterations_per_epoch + 1,
                     cfg.num_epochs,
@@ -308,4 +318,4 @@ class Trainer:
 
     def _plot(self) -> None:
         if self.dist.is_main:
-            self.state.log.plot(self.ctx.output_folder / "progress.png")
+            self.log.plot(self.ctx.output_folder / "progress.png")
