@@ -36,7 +36,7 @@ VALIDATION_STREAM = 1
 def exempt_from_weight_decay(name: str, p: nn.Parameter) -> bool:
     """Biases, norm scales, LayerScale gammas and q/v biases are 1-D; position embeddings, mask
     tokens and register tokens are not, but decaying them pulls positions / queries to 0 (Eva's
-    `no_weight_decay` lists pos_embed; IJEPA_SPEC §2.5)."""
+    `no_weight_decay` lists pos_embed; documentation/ijepa_method.md, hyperparameters)."""
     leaf = name.rsplit(".", 1)[-1]
     return p.ndim <= 1 or leaf in ("pos_embed", "mask_token", "register_tokens")
 

@@ -1,4 +1,4 @@
-"""I-JEPA multi-block masks on a 3D (or 2D) token grid (IJEPA_SPEC §1.2, §2.2).
+"""I-JEPA multi-block masks on a 3D (or 2D) token grid (documentation/ijepa_masking.md).
 
 For every volume of a batch the sampler places M target boxes and one context cube, and removes
 the target tokens from the context. The predictor learns to predict the teacher's features of
@@ -6,7 +6,7 @@ each target box from the context tokens.
 
 Determinism. Block *sizes* come from a generator seeded by (seed, step) only, so every
 DataLoader worker and every DDP rank agrees on them and all targets of a batch have one shape
-(spec M5). *Positions* come from a generator seeded by (seed, step, rank, stream): ranks and
+(tests/test_masks.py, M5). *Positions* come from a generator seeded by (seed, step, rank, stream): ranks and
 worker streams see different masks, yet a batch is a pure function of its arguments, so an
 exact resume needs nothing but the step (M12). Seeds are hashed with blake2b, not Python's
 salted `hash()`, so they agree across processes.
@@ -24,7 +24,7 @@ Default behaviour fixes four quirks of the released 2D code:
 paper's context ratio (test M10).
 
 Token index convention: C-order over the grid, n = (i*Gy + j)*Gz + k, which is Primus's
-`b c w h d -> b (w h d) c` flattening (spec §2.1, test M11).
+`b c w h d -> b (w h d) c` flattening (tests/test_masks.py, M11).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class MaskSamplingError(NnsslError):
 
 @dataclass(frozen=True)
 class MaskConfig:
-    """Multi-block masking settings; defaults are the I-JEPA ImageNet configs (spec §2.2).
+    """Multi-block masking settings; defaults are the I-JEPA ImageNet configs (Assran et al. 2023).
 
     Scales are fractions of the number of tokens of the grid. `max_tries` is the number of
     context draws per constraint level before the released code relaxes a constraint (Q4,

@@ -1,10 +1,10 @@
 """Learning rate, weight decay and EMA momentum as pure functions of the optimizer step.
 
 The released I-JEPA keeps stateful scheduler objects and replays them on resume; pure functions
-of the step make a resumed run need nothing but the step number (STYLE principle 8).
+of the step make a resumed run need nothing but the step number.
 
 `step` is the 0-based index of the optimizer step about to run (lr, wd) or just run (EMA). With
-T = total_steps and W = warmup_steps, the I-JEPA closed forms (IJEPA_SPEC §1.5; the released
+T = total_steps and W = warmup_steps, the I-JEPA closed forms (documentation/ijepa_method.md; the released
 schedulers are stepped once *before* every optimizer step, so its first step uses k = 1) map as:
 
 - lr:  k = step + 1, exactly I-JEPA's `WarmupCosineSchedule`:

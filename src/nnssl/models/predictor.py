@@ -1,11 +1,11 @@
 """The I-JEPA predictor: a narrow transformer that predicts target-block features from context.
 
-As in the released I-JEPA (IJEPA_SPEC §1.3): the context tokens are projected to the predictor
+As in the released I-JEPA (Assran et al. 2023, documentation/ijepa_method.md): the context tokens are projected to the predictor
 width and get fixed sin-cos positions; each target block gets one query per token (the one
 shared learnable mask token plus the position); every block is predicted in its own sequence
 [context ; block-m queries], so queries of different blocks never attend to each other; the M
 sequences are batched block-major (row m·B + b). Positions are 3D sin-cos in V-JEPA's "uniform
-power" form (spec §2.5). Attention runs on `F.scaled_dot_product_attention` (fused kernels on
+power" form (documentation/ijepa_method.md). Attention runs on `F.scaled_dot_product_attention` (fused kernels on
 CPU and CUDA).
 """
 
@@ -118,7 +118,7 @@ class JEPAPredictor(nn.Module):
 
     def reset_parameters(self) -> None:
         """I-JEPA's effective init (its helper re-initialises every Linear after the ViT's depth
-        rescale, erasing it; spec §1.3): trunc-normal(0.02) weights, zero biases, LN 1 / 0, mask
+        rescale, erasing it; as the released I-JEPA does): trunc-normal(0.02) weights, zero biases, LN 1 / 0, mask
         token trunc-normal(0.02)."""
         for module in self.modules():
             if isinstance(module, nn.Linear):

@@ -1,7 +1,7 @@
 """Training checkpoints: everything for an exact resume, plus the downstream handshake keys.
 
 A checkpoint is one `torch.save`d dict of plain Python types and CPU tensors, so it loads with
-`torch.load(path, weights_only=True)` on a machine without a GPU (CONTRACTS.md):
+`torch.load(path, weights_only=True)` on a machine without a GPU (documentation/finetuning_nnunet.md):
 
 - resume state: `method_state` (student, teacher, predictor / decoder), `optimizer_state`,
   `grad_scaler_state`, `step` (the next optimizer step; masks and batches are pure functions of
