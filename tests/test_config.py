@@ -135,3 +135,21 @@ def test_config_drives_the_schedules():
     assert sc.total_steps == 100 and sc.warmup_steps == c.warmup_steps == 5
     assert lr_at(sc.warmup_steps - 1, sc) == c.optim.peak_lr
     assert wd_at(0, sc) == c.optim.start_weight_decay and momentum_at(0, sc) == c.ijepa.ema_start
+
+
+@pytest.mark.parametrize("alias,method,backbone,batch", [
+    ("BaseMAETrainer", "MAETrainer", "ResEncL", None), ("BaseMAETrainer_BS8", "MAETrainer", "ResEncL", 8),
+    ("BaseEvaMAETrainer", "MAETrainer", "PrimusM", None), ("BaseEvaMAETrainer_BS8", "MAETrainer", "PrimusM", 8),
+    ("nnsslTrainer", "IJEPATrainer", "PrimusM", None)])
+def test_reference_trainer_names_run_as_their_equivalents_and_keep_their_name(alias, method, backbone, batch):
+    c = resolve_config(alias)
+    assert (c.trainer_name, c.method, c.backbone, c.batch_size) == (alias, method, backbone, batch)
+    if alias.startswith("Base"):
+        assert c.patch_size == (160, 160, 160)  # the reference fixes it
+
+
+def test_a_misspelt_name_gets_the_closest_valid_ones():
+    with pytest.raises(UnknownTrainer, match="Did you mean BaseMAETrainer_BS8"):
+        resolve_config("BaseMAETrainr_BS8")
+    with pytest.raises(UnknownTrainer, match="Did you mean IJEPATrainer_Tiny"):
+        resolve_config("IJEPATrainer_Tinny")

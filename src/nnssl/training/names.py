@@ -22,6 +22,7 @@ family < the backbone family's defaults < the backbone's < the name's suffixes <
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from collections.abc import Mapping
@@ -30,12 +31,26 @@ from pathlib import Path
 from typing import Any
 
 from nnssl.errors import NnsslError
+from nnssl.log import get_logger
 from nnssl.methods.registry import get_method, list_methods
 from nnssl.models.registry import get_backbone, list_backbones
 from nnssl.settings import ConfigError, apply_overrides, flatten
 from nnssl.training.config import TrainingConfig
 
+logger = get_logger(__name__)
 DEFAULT_BACKBONE = "PrimusM"
+
+# Trainer names of the reference nnssl that users type, as our equivalents. The run folder keeps
+# the name as typed, so a reference user's folders look as they expect; the log says what it is.
+# (The reference's BaseMAETrainer fixes the patch at 160³; its default `nnsslTrainer` does not
+# exist there, here it is the default method.)
+REFERENCE_ALIASES: dict[str, str] = {
+    "nnsslTrainer": "IJEPATrainer",
+    "BaseMAETrainer": "MAETrainer_ResEncL_P160",
+    "BaseMAETrainer_BS8": "MAETrainer_ResEncL_P160_BS8",
+    "BaseEvaMAETrainer": "MAETrainer_PrimusM_P160",
+    "BaseEvaMAETrainer_BS8": "MAETrainer_PrimusM_P160_BS8",
+}
 
 _NUMERIC_SUFFIXES: dict[str, tuple[re.Pattern[str], str]] = {
     "batch_size": (re.compile(r"^BS(\d+)$"), "BS<N>"),
@@ -77,17 +92,31 @@ def grammar_help() -> str:
         "Every other setting: --set SECTION.FIELD=VALUE or --config FILE.json (see --print_config).",
         "Examples: IJEPATrainer, IJEPATrainer_BS8, IJEPATrainer_PrimusL_BS16_500ep,",
         "          IJEPATrainer_Tiny_P32_BS2_2ep_5it (trains on a CPU in seconds)",
+        "Reference nnssl names, accepted as their equivalents:",
     ]
+    lines += [f"  {alias:<22} = {ours}" for alias, ours in REFERENCE_ALIASES.items()]
     return "\n".join(lines)
 
 
+def _suggestions(name: str) -> str:
+    known = example_trainer_names() + list(REFERENCE_ALIASES)
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    return f" Did you mean {', '.join(close)}?" if close else ""
+
+
 def parse_trainer_name(name: str) -> TrainerName:
-    """Split `name` into method, backbone and suffix settings, or raise `UnknownTrainer` saying why."""
-    parts = name.strip().split("_")
+    """Split `name` into method, backbone and suffix settings, or raise `UnknownTrainer` saying why.
+    A reference nnssl name (`REFERENCE_ALIASES`) is parsed as its equivalent."""
+    name = name.strip()
+    if name in REFERENCE_ALIASES:
+        parsed = parse_trainer_name(REFERENCE_ALIASES[name])
+        return TrainerName(name, parsed.method, parsed.backbone, parsed.suffix_overrides)
+    parts = name.split("_")
     methods = {m.name for m in list_methods()}
     backbones = {b.name for b in list_backbones()}
     if parts[0] not in methods:
-        raise UnknownTrainer(f"unknown trainer method {parts[0]!r} in {name!r}.\n{grammar_help()}")
+        raise UnknownTrainer(f"unknown trainer method {parts[0]!r} in {name!r}.{_suggestions(name)}\n"
+                             f"{grammar_help()}")
     backbone: str | None = None
     settings: dict[str, Any] = {}
     for part in parts[1:]:
@@ -111,7 +140,8 @@ def parse_trainer_name(name: str) -> TrainerName:
                 settings[field_name] = (value,) * 3 if field_name == "patch_size" else value
                 break
         else:
-            raise UnknownTrainer(f"unknown suffix {part!r} in trainer name {name!r}.\n{grammar_help()}")
+            raise UnknownTrainer(f"unknown suffix {part!r} in trainer name {name!r}.{_suggestions(name)}\n"
+                                 f"{grammar_help()}")
     return TrainerName(name, parts[0], backbone or DEFAULT_BACKBONE, settings)
 
 
@@ -135,6 +165,8 @@ def resolve_config(name: str, config_file: Mapping[str, Any] | None = None,
     the `--set` overrides applied; validated as a whole (every problem listed). Patch and batch
     size stay None unless set: the plans fill them at training time (`with_geometry`)."""
     parsed = parse_trainer_name(name)
+    if name.strip() in REFERENCE_ALIASES:
+        logger.info("trainer %s (reference nnssl name) runs as %s", name, REFERENCE_ALIASES[name.strip()])
     method, backbone = get_method(parsed.method), get_backbone(parsed.backbone)
     for key in ("trainer_name", "method", "backbone"):
         for source, data in (("--config", config_file), ("--set", overrides)):
