@@ -40,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write checkpoint_latest.pth at least this often (also after every epoch)")
     p.add_argument("--log_every", type=int, default=None,
                    help="steps between logged metrics and collapse monitors (default: min(50, iterations/epoch))")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                   help="auto: bf16 autocast on GPUs that support it, fp16 with loss scaling on older GPUs "
+                        "(V100, T4), fp32 on the CPU")
     p.add_argument("--stop_at_step", type=int, default=None,
                    help="stop with a checkpoint before this optimizer step (time-boxed jobs; resume with --c)")
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="PATH=VALUE",

@@ -72,6 +72,7 @@ class TrainingConfig:
     backbone: str = "PrimusM"  # a registered backbone (models/registry.py)
     patch_size: tuple[int, int, int] | None = None  # the crop in voxels; None: the plan's
     batch_size: int | None = None  # global (split over GPUs); None: the plan's
+    grad_accumulation: int = 1  # micro-batches per optimizer step and GPU (same update, less memory)
     num_epochs: int = 1000
     iterations_per_epoch: int = 250
     num_val_iterations: int = 10
@@ -129,6 +130,8 @@ class TrainingConfig:
             out.append(f"num_val_iterations must be >= 0, got {self.num_val_iterations}")
         if self.batch_size is not None and self.batch_size < 1:
             out.append(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.grad_accumulation < 1:
+            out.append(f"grad_accumulation must be at least 1, got {self.grad_accumulation}")
         if self.patch_size is not None and (len(self.patch_size) != 3 or min(self.patch_size) < 1):
             out.append(f"patch_size must be 3 positive sizes, got {self.patch_size}")
         elif backbone is not None:

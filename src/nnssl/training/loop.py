@@ -108,6 +108,17 @@ class _Interval:
         self.steps += 1
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`--precision auto`: bf16 autocast on a GPU that supports it (Ampere and later), fp16 with
+    loss scaling on older GPUs (V100, T4: bf16 is not supported or emulated there), fp32 on the
+    CPU and MPS. An explicit choice is kept."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether oneDNN runs bf16 matmuls natively on this CPU (AVX-512 BF16 or AMX); without it
     bf16 autocast on the CPU is emulated and far slower than fp32."""
@@ -126,10 +137,19 @@ class Trainer:
         self.device = torch.device(self.dist.device)
         self.model = self._wrap(self.method)
         self.tracker = CollapseTracker(self.config.total_steps, self.config.warmup_steps)
-        if ctx.options.precision == "bf16" and self.device.type == "cpu" and not cpu_has_native_bf16():
+        self.precision = resolve_precision(ctx.options.precision, self.device)
+        if self.precision == "bf16" and self.device.type == "cpu" and not cpu_has_native_bf16():
             logger.warning("--precision bf16 on a CPU without native bf16 (AVX-512 BF16 / AMX): oneDNN "
                            "emulates it, measured ~100x slower than fp32 on such a CPU (0.8 vs 88 GFLOP/s "
                            "for a 1024^3 matmul). Use --precision fp32 (the CPU default) here.")
+        # fp16 needs loss scaling (its range is too small for small gradients); bf16 and fp32 do not
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+        if self.scaler is not None and state.grad_scaler_state:
+            self.scaler.load_state_dict(state.grad_scaler_state)
+        if self.dist.is_main:
+            logger.info("precision %s (--precision %s on %s)%s", self.precision, ctx.options.precision,
+                        self.device.type, f"; {self.config.grad_accumulation} micro-batches per step"
+                        if self.config.grad_accumulation > 1 else "")
         if state.tracker_state:
             self.tracker.load_state_dict(state.tracker_state)
         self.log_every = ctx.options.log_every or max(1, min(50, self.config.iterations_per_epoch))
@@ -145,9 +165,14 @@ class Trainer:
         return DistributedDataParallel(step_module, device_ids=ids, broadcast_buffers=False)
 
     def _autocast(self) -> Any:
-        precision = self.ctx.options.precision
-        use_bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+        if self.precision == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _no_sync(self) -> Any:
+        """DDP: skip the gradient all-reduce of all but the last accumulated micro-batch."""
+        return self.model.no_sync() if isinstance(self.model, DistributedDataParallel) else nullcontext()
 
     @property
     def log(self) -> TrainingLog:
@@ -164,9 +189,10 @@ class Trainer:
         result = optimizer_step(
             self.method, self.optimizer, batch.data.to(self.device, non_blocking=True),
             batch.anonymization_mask.to(self.device, non_blocking=True), step, self.schedule,
-            self.config.optim.grad_clip, forward=lambda v, a, s: self.model(v, a, s, rank, world),
-            autocast=self._autocast, agree=lambda flags: distributed.all_reduce_max_flags(flags, self.dist.device),
-            stop_requested=self._stop_requested())
+            self.config.optim.grad_clip, forward=self.model, autocast=self._autocast,
+            agree=lambda flags: distributed.all_reduce_max_flags(flags, self.dist.device),
+            stop_requested=self._stop_requested(), rank=rank, world_size=world,
+            micro_batches=self.config.grad_accumulation, no_sync=self._no_sync, scaler=self.scaler)
         self._stop_flag = result.stop
         if result.applied:
             self._last_grad_norm = result.grad_norm
@@ -197,8 +223,11 @@ class Trainer:
                 result = self.train_step(batch, state.step)
                 loss, out = result.loss, result.output
                 interval.add(loss, time.perf_counter() - t0, t1 - t0)
-                nonfinite = 0 if result.applied else nonfinite + 1
-                if not result.applied:
+                nonfinite = 0 if result.applied or result.overflow else nonfinite + 1
+                if result.overflow:
+                    logger.info("step %d skipped: fp16 gradient overflow, loss scale lowered to %g", state.step,
+                                self.scaler.get_scale() if self.scaler is not None else float("nan"))
+                elif not result.applied:
                     logger.warning("step %d skipped: loss %s or gradient not finite (cases: %s)", state.step, loss,
                                    ", ".join(batch.image_ids))
                 state.step += 1
@@ -299,6 +328,8 @@ class Trainer:
             "data_wait_fraction": interval.wait_time / max(interval.step_time, 1e-9),
             "grad_norm": getattr(self, "_last_grad_norm", float("nan")),
         }
+        if self.scaler is not None:
+            values["loss_scale"] = float(self.scaler.get_scale())
         if self.device.type == "cuda":
             values["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         values.update(out.scalars)

@@ -17,6 +17,7 @@ family < the backbone family's defaults < the backbone's < the name's suffixes <
 | `<N>ep`         | number of epochs                          | `_1000ep` |
 | `<N>it`         | iterations (optimizer steps) per epoch    | `_250it` |
 | `P<N>`          | cubic crop in voxels (overrides the plan) | `_P160` |
+| `GA<N>`         | micro-batches per step and GPU            | `_GA4` |
 | `lr<X>`         | peak learning rate (a float)              | `_lr1e-3` |
 """
 
@@ -57,6 +58,7 @@ _NUMERIC_SUFFIXES: dict[str, tuple[re.Pattern[str], str]] = {
     "num_epochs": (re.compile(r"^(\d+)ep$"), "<N>ep"),
     "iterations_per_epoch": (re.compile(r"^(\d+)it$"), "<N>it"),
     "patch_size": (re.compile(r"^P(\d+)$"), "P<N>"),
+    "grad_accumulation": (re.compile(r"^GA(\d+)$"), "GA<N>"),
 }
 # a decimal or scientific float: lr0.001, lr1e-3, lr3.5e-4 (no sign: learning rates are positive)
 _LR_SUFFIX = re.compile(r"^lr(\d+(?:\.\d+)?(?:e-?\d+)?)$")
@@ -88,6 +90,7 @@ def grammar_help() -> str:
         "  <N>ep            epochs (e.g. 1000ep)",
         "  <N>it            iterations per epoch (e.g. 250it)",
         "  P<N>             cubic crop in voxels (default: the plan's patch size)",
+        "  GA<N>            gradient accumulation: N micro-batches per step and GPU (same update, less memory)",
         "  lr<X>            peak learning rate (e.g. lr1e-3, lr0.0005)",
         "Every other setting: --set SECTION.FIELD=VALUE or --config FILE.json (see --print_config).",
         "Examples: IJEPATrainer, IJEPATrainer_BS8, IJEPATrainer_PrimusL_BS16_500ep,",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from nnssl.errors import InvalidInput
 
-PRECISIONS = ("auto", "bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class RunOptions:
     checkpoint_every_minutes: float = 30.0  # checkpoint_latest.pth at least this often (and every epoch)
     log_every: int | None = None  # steps between logged metrics; None: min(50, iterations per epoch)
     max_nonfinite_steps: int = 10  # consecutive non-finite losses that stop the run
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
+    precision: str = "auto"  # auto: bf16 on GPUs with bf16, fp16 + loss scaling on older GPUs, fp32 elsewhere
     stop_at_step: int | None = None  # stop with a checkpoint before this step (tests, time-boxed jobs)
     progress_bar: bool | None = None  # None: when stderr is a terminal
 

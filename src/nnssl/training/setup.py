@@ -115,9 +115,12 @@ def loader_config(config: TrainingConfig, options: RunOptions, local_batch: int,
 
 
 def check_batch_split(config: TrainingConfig, world_size: int) -> None:
-    if config.batch_size is not None and config.batch_size % world_size:
+    parts = world_size * config.grad_accumulation
+    if config.batch_size is not None and config.batch_size % parts:
+        what = f"{world_size} processes" + (f" x {config.grad_accumulation} micro-batches"
+                                           if config.grad_accumulation > 1 else "")
         raise NnsslError(f"the global batch size {config.batch_size} of {config.trainer_name} does not split "
-                         f"evenly over {world_size} processes; use a _BS<N> suffix divisible by {world_size}")
+                         f"evenly over {what}; use a _BS<N> suffix divisible by {parts}")
 
 
 def build_optimizer(method: PretrainingMethod, config: TrainingConfig) -> torch.optim.Optimizer:

@@ -30,6 +30,7 @@ class TrainState:
     log: TrainingLog | None = None
     val_loss: float | None = None
     tracker_state: dict[str, Any] = field(default_factory=dict)
+    grad_scaler_state: dict[str, Any] = field(default_factory=dict)
     log_file_handler: Any = None  # the training_log_<timestamp>.txt handler (removed at the end)
 
 
@@ -55,7 +56,8 @@ def checkpoint_payload(trainer: Any, slim: bool = False) -> dict[str, Any]:
     payload.update({
         "method_state": method.state_dict(),
         "optimizer_state": trainer.optimizer.state_dict(),
-        "grad_scaler_state": {},  # bf16 / fp32 need no loss scaling; kept for the reference's key set
+        # fp16's loss scale (empty for bf16 / fp32, which need no scaling)
+        "grad_scaler_state": trainer.scaler.state_dict() if trainer.scaler is not None else {},
         "rng": capture_rng_state(),
         "history": trainer.state.log.state() if trainer.state.log is not None else {},
         "collapse_tracker": trainer.tracker.state_dict(),
@@ -111,7 +113,8 @@ def resume_state(trainer_ctx: Any, path: Path) -> tuple[TrainState, dict[str, li
     trainer_ctx.optimizer.load_state_dict(data["optimizer_state"])
     restore_rng_state(data["rng"])
     state = TrainState(step=int(data["step"]), val_loss=data.get("val_loss"),
-                       tracker_state=data.get("collapse_tracker") or {})
+                       tracker_state=data.get("collapse_tracker") or {},
+                       grad_scaler_state=data.get("grad_scaler_state") or {})
     return state, data.get("history") or {}
 
 
