@@ -32,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from checkpoint_latest.pth of this run (exact resume)")
     p.add_argument("-pretrained_weights", type=Path, default=None,
                    help="warm-start the encoder from an nnssl checkpoint (network_weights)")
-    p.add_argument("-device", choices=("cuda", "cpu", "mps"), default=None,
-                   help="device (default: cuda when available, else cpu)")
+    p.add_argument("-device", default=None,
+                   help="cuda, cuda:N (one process), cpu or mps (default: cuda when available, else cpu)")
     p.add_argument("-np", type=int, default=None, dest="num_workers",
                    help="data loader worker processes per GPU (default: one per CPU core, at most 12)")
     p.add_argument("--checkpoint_minutes", type=float, default=30.0,

@@ -37,22 +37,43 @@ class DistInfo:
         return self.world_size > 1
 
 
+def check_visible_gpus(num_processes: int, device: str | None) -> None:
+    """`-num_gpus N` on CUDA needs N visible GPUs: two ranks sharing one GPU is never wanted."""
+    if device is not None and device.startswith("cuda") and not torch.cuda.is_available():
+        raise NnsslError(f"-device {device} was requested but no CUDA device is visible; use -device cpu")
+    wants_cuda = device in ("cuda", None) and torch.cuda.is_available()
+    if num_processes > 1 and wants_cuda and torch.cuda.device_count() < num_processes:
+        raise NnsslError(f"-num_gpus {num_processes} but only {torch.cuda.device_count()} CUDA device(s) are visible "
+                         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use -num_gpus "
+                         f"{torch.cuda.device_count()} or make more GPUs visible")
+
+
 def launched_by_torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
 
 
-def resolve_device(requested: str | None, local_rank: int = 0) -> str:
-    """"cuda:<local_rank>" / "cpu" / "mps"; `None` picks CUDA when available."""
+def resolve_device(requested: str | None, local_rank: int = 0, world_size: int = 1) -> str:
+    """"cuda:<local_rank>" / "cuda:<N>" (one process) / "cpu" / "mps"; `None` picks CUDA when
+    available."""
     if requested is None:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda":
-        if not torch.cuda.is_available():
-            raise NnsslError("-device cuda was requested but no CUDA device is visible; use -device cpu")
-        return f"cuda:{local_rank % torch.cuda.device_count()}"
+    if requested.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise NnsslError(f"-device {requested} was requested but no CUDA device is visible; use -device cpu")
+        if requested == "cuda":
+            return f"cuda:{local_rank % count}"
+        index = requested.partition(":")[2]
+        if not index.isdigit() or int(index) >= count:
+            raise NnsslError(f"-device {requested}: {count} CUDA device(s) are visible (cuda:0 .. cuda:{count - 1})")
+        if world_size > 1:
+            raise NnsslError(f"-device {requested} names one GPU but {world_size} processes train; choose the GPUs "
+                             "with CUDA_VISIBLE_DEVICES and pass -device cuda")
+        return requested
     if requested == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise NnsslError("-device mps was requested but MPS is not available; use -device cpu")
     if requested not in ("cpu", "mps"):
-        raise NnsslError(f"unknown device {requested!r}; use cuda, cpu or mps")
+        raise NnsslError(f"unknown device {requested!r}; use cuda, cuda:N, cpu or mps")
     return requested
 
 

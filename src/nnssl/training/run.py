@@ -18,7 +18,9 @@ from pathlib import Path
 
 from nnssl.io_utils import write_json
 from nnssl.log import add_log_file, get_logger, setup_logging
+from nnssl.errors import NnsslError
 from nnssl.training import distributed
+from nnssl.training.cluster import RunLock, slurm_environment
 from nnssl.training.config import TrainingConfig
 from nnssl.training.loop import TrainOutcome, Trainer
 from nnssl.training.options import RunOptions
@@ -31,8 +33,15 @@ logger = get_logger(__name__)
 def train(options: RunOptions, config: TrainingConfig) -> TrainOutcome | None:
     """Run (or resume) a training of `config` (a trainer name resolved with its overrides,
     `training/names.py`); returns rank 0's outcome (None on other ranks / spawned runs)."""
+    slurm = slurm_environment()
+    if slurm is not None:  # plain `srun` with several tasks: one process group, as torchrun would make
+        if options.num_gpus > 1:
+            raise NnsslError(f"srun already started {slurm['WORLD_SIZE']} processes; pass -num_gpus 1 (each srun task "
+                             "is one rank) or launch one task with -num_gpus N")
+        os.environ.update(slurm)
     if distributed.launched_by_torchrun():
         return _train_rank(options, config)
+    distributed.check_visible_gpus(options.num_gpus, options.device)
     if options.num_gpus > 1:
         # validate the configuration and the data once, in this process, before spawning N of them
         from nnssl.training.setup import check_batch_split, load_data, resolve_run_config
@@ -53,11 +62,15 @@ def _train_rank(options: RunOptions, config: TrainingConfig) -> TrainOutcome:
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    device = distributed.resolve_device(options.device, local_rank)
+    device = distributed.resolve_device(options.device, local_rank, world_size)
     info = distributed.init_process_group(rank, local_rank, world_size, device)
     state = None
+    lock = None
     try:
         ctx = build_context(options, config, info)
+        if info.is_main:  # before anything is written: two runs must never share an output folder
+            lock = RunLock(ctx.output_folder)
+            lock.acquire()
         state = _initial_state(ctx)
         if state is None:  # already finished
             return TrainOutcome(ctx.config.total_steps, True, None, str(ctx.output_folder / "checkpoint_final.pth"))
@@ -68,6 +81,8 @@ def _train_rank(options: RunOptions, config: TrainingConfig) -> TrainOutcome:
             state.log_file_handler.close()
         if state is not None and state.log is not None:
             state.log.close()
+        if lock is not None:
+            lock.release()
         distributed.destroy_process_group()
 
 
