@@ -50,7 +50,7 @@ def _invocations() -> list[tuple[str, str, list[str]]]:
                 if word in SCRIPTS:
                     args = []
                     for w in words[i + 1:]:
-                        if w in ("|", "&&", ";", ">", "2>"):
+                        if w in ("|", "&&", "&", ";", ">", "2>"):
                             break
                         args.append(w)
                     found.append((path.name, word, args))
