@@ -47,8 +47,9 @@ def batch():
 
 def test_config_lists_every_problem_of_the_levers():
     with pytest.raises(InvalidIJEPAConfig) as info:
-        IJEPAConfig(target_layers=0, regularized="teacher", sigreg_weight=-1.0, sigreg_slices=0, sigreg_points=1,
-                    vicreg_variance_weight=math.nan, vicreg_covariance_weight=math.inf, vicreg_std_target=0.0)
+        IJEPAConfig(target_layers=0, regularized_embeddings="teacher", sigreg_weight=-1.0, sigreg_slices=0,
+                    sigreg_points=1, vicreg_variance_weight=math.nan, vicreg_covariance_weight=math.inf,
+                    vicreg_std_target=0.0)
     assert len(info.value.problems) == 8
     assert IJEPAConfig().regularizer_weights() == {}
     assert IJEPAConfig(sigreg_weight=0.1, vicreg_covariance_weight=1).regularizer_weights() == \
@@ -122,7 +123,7 @@ def test_resenc_targets_are_the_last_residual_blocks_of_the_bottleneck_stage():
 @pytest.mark.parametrize("regularized", ["context", "predictions"])
 def test_regularizers_reach_only_the_networks_that_produce_their_embeddings(batch, regularized):
     method = _method(sigreg_weight=1.0, sigreg_slices=16, vicreg_variance_weight=1.0,
-                     vicreg_covariance_weight=1.0, regularized=regularized)
+                     vicreg_covariance_weight=1.0, regularized_embeddings=regularized)
     x, masks = batch
     out = method(x, masks, step=4)
     assert set(out.regularizers) == {"sigreg", "vicreg_variance", "vicreg_covariance"}

@@ -84,7 +84,7 @@ class IJEPAConfig:
 
     Levers (documentation/ijepa_method.md; defaults keep the released method exactly):
     - `target_layers`: K, targets from the average of the teacher's last K blocks (1: its output);
-    - `regularized`: the embeddings the anti-collapse terms act on: "context" (the student's
+    - `regularized_embeddings`: what the anti-collapse terms act on: "context" (the student's
       context tokens, what the exported EMA teacher averages) or "predictions" (the predictor's
       outputs);
     - `sigreg_weight` λ, `sigreg_slices` (random directions per step), `sigreg_points`
@@ -100,7 +100,7 @@ class IJEPAConfig:
     predictor_mlp_ratio: float = 4.0
     loss: str = "smooth_l1"
     target_layers: int = 1
-    regularized: str = "context"
+    regularized_embeddings: str = "context"
     sigreg_weight: float = 0.0
     sigreg_slices: int = 256
     sigreg_points: int = 17
@@ -128,8 +128,8 @@ class IJEPAConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < low:
                 problems.append(f"{name}={value!r} must be an integer >= {low}")
-        if self.regularized not in REGULARIZED:
-            problems.append(f"regularized={self.regularized!r} must be one of {REGULARIZED}")
+        if self.regularized_embeddings not in REGULARIZED:
+            problems.append(f"regularized_embeddings={self.regularized_embeddings!r} must be one of {REGULARIZED}")
         for name in ("sigreg_weight", "vicreg_variance_weight", "vicreg_covariance_weight"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
@@ -244,14 +244,14 @@ class IJEPA(nn.Module):
                           stream: int = TRAIN_STREAM,
                           reduction: BatchReduction | None = None) -> dict[str, torch.Tensor]:
         """The anti-collapse terms that are on (unweighted, fp32, differentiable), on the student's
-        context tokens [B, Kc, E] or the predictions [M*B, Kt, E] (`config.regularized`), every
-        token one sample. `reduction`: how batch sums become global-batch sums (None: this
-        process's batch only)."""
+        context tokens [B, Kc, E] or the predictions [M*B, Kt, E]
+        (`config.regularized_embeddings`), every token one sample. `reduction`: how batch sums
+        become global-batch sums (None: this process's batch only)."""
         weights = self.config.regularizer_weights()
         if not weights:
             return {}
         reduction = reduction or BatchReduction()
-        embeddings = context if self.config.regularized == "context" else predictions
+        embeddings = context if self.config.regularized_embeddings == "context" else predictions
         terms = {}
         if "sigreg" in weights:
             if step is None:
