@@ -67,10 +67,12 @@ def test_within_and_across_cosine_on_constructed_inputs():
 def test_healthy_random_tokens_raise_no_alarm():
     tokens = _healthy()
     m = mon.collapse_metrics(tokens, predictions=tokens * 0.5)
-    assert set(m) == {"target_std", "pred_std", "token_rankme", "pooled_rankme", "cos_within", "cos_across"}
+    assert set(m) == {"target_std", "pred_std", "token_rankme", "token_rankme_fraction", "pooled_rankme",
+                      "cos_within", "cos_across"}
     assert all(isinstance(v, float) for v in m.values())
     assert m["target_std"] > 0.9 and m["pred_std"] == pytest.approx(m["target_std"] / 2, rel=1e-4)
     assert m["token_rankme"] > 30 and abs(m["cos_within"]) < 0.05 and abs(m["cos_across"]) < 0.3
+    assert m["token_rankme_fraction"] == pytest.approx(m["token_rankme"] / 48)  # 256 rows, E = 48
     assert mon.collapse_alarms(m, embed_dim=48) == []
     assert "pred_std" not in mon.collapse_metrics(tokens)
 
@@ -88,8 +90,22 @@ def test_each_alarm_fires_alone_at_its_threshold():
     fine = {"target_std": 0.5, "token_rankme": 40.0, "cos_across": 0.5}
     assert mon.collapse_alarms(fine, embed_dim=64) == []
     assert len(mon.collapse_alarms({**fine, "target_std": 0.049}, 64)) == 1
-    assert len(mon.collapse_alarms({**fine, "token_rankme": 3.1}, 64)) == 1  # < 0.05 * 64 = 3.2
+    assert len(mon.collapse_alarms({**fine, "token_rankme": 12.7}, 64)) == 1  # < 0.2 * 64 = 12.8
+    assert mon.collapse_alarms({**fine, "token_rankme": 12.9}, 64) == []
     assert len(mon.collapse_alarms({**fine, "cos_across": 0.951}, 64)) == 1
+    # the RankMe bar is a fraction of the ceiling min(E, rows): 8 rows of width 64 can reach 8 at most
+    assert mon.collapse_alarms({**fine, "token_rankme": 7.0, "token_rankme_fraction": 7.0 / 8}, 64) == []
+    assert len(mon.collapse_alarms({**fine, "token_rankme": 1.5, "token_rankme_fraction": 1.5 / 8}, 64)) == 1
+
+
+def test_rankme_ceiling_is_the_smaller_of_width_and_rows():
+    assert mon.rankme_ceiling(torch.zeros(2, 3, 64)) == 6
+    assert mon.rankme_ceiling(torch.zeros(8, 64, 96)) == 96
+    assert mon.rankme_ceiling(torch.zeros(4, 8000, 864)) == 864
+    assert mon.rankme_ceiling(torch.zeros(4, 8000, 864), max_tokens=500) == 500
+    few = _healthy(b=2, n=3, e=64)  # 6 rows of a full-rank random matrix: RankMe near 6
+    assert mon.collapse_metrics(few)["token_rankme_fraction"] > 0.8
+    assert mon.collapse_alarms(mon.collapse_metrics(few), embed_dim=64) == []
 
 
 def test_monitors_ignore_autocast_and_gradients():
@@ -105,6 +121,54 @@ def test_monitors_ignore_autocast_and_gradients():
 def test_monitors_on_cuda_match_cpu():
     tokens = _healthy()
     assert mon.collapse_metrics(tokens.cuda()) == pytest.approx(mon.collapse_metrics(tokens), rel=1e-4)
+
+
+def _like_the_trainer(tracker: mon.CollapseTracker, losses: list[float], log_every: int = 50,
+                      rankme: float = 40.0) -> list[tuple[int, str]]:
+    """Feed per-step losses the way `Trainer._log` does: once per log interval, at the step count
+    after the interval, with the interval's mean loss. Returns (step, warning) pairs."""
+    warnings = []
+    for end in range(log_every, len(losses) + 1, log_every):
+        mean = sum(losses[end - log_every:end]) / log_every
+        warnings += [(end, w) for w in tracker.update(end, mean, {"token_rankme": rankme})]
+    return warnings
+
+
+def _demo_losses(drop_at: int | None = None, keep: float = 1.0, steps: int = 4500, seed: int = 0) -> list[float]:
+    """A demo-length loss curve (4500 steps): fast early fall, slow decline, 20% per-step noise
+    (the toy's batch-of-8 losses scatter by 6-10%); from `drop_at` on, the loss is `keep` times
+    as large (a collapse makes the targets easy to predict)."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.arange(steps, dtype=torch.float64)
+    curve = (0.08 + 0.25 * torch.exp(-s / 300)) * (1 + 0.2 * torch.randn(steps, generator=g, dtype=torch.float64))
+    if drop_at is not None:
+        curve[drop_at:] *= keep
+    return curve.clamp_min(1e-3).tolist()
+
+
+def test_tracker_called_every_50_steps_catches_sudden_drops_in_a_demo_length_run():
+    """The demo's run: 4500 steps, 5% warm-up, the trainer's default 50-step log interval, so the
+    1%-of-training window (45 steps) is shorter than the interval between calls."""
+    healthy = _like_the_trainer(mon.CollapseTracker(4500, warmup_steps=225), _demo_losses())
+    assert healthy == []
+    for keep, drop_at in ((0.4, 2576), (0.05, 2576), (0.4, 3000), (0.05, 3020)):  # mid-interval and on a boundary
+        warnings = _like_the_trainer(mon.CollapseTracker(4500, warmup_steps=225), _demo_losses(drop_at, keep))
+        assert len(warnings) == 1 and "loss fell" in warnings[0][1], (keep, drop_at, warnings)
+        assert drop_at < warnings[0][0] <= drop_at + 100  # reported within two log intervals
+    # a 60% fall spread over 10% of training is not sudden, however the tracker is called
+    slow = [0.3 * (1 - 0.6 * min(max(s - 2000, 0) / 450, 1.0)) for s in range(4500)]
+    assert _like_the_trainer(mon.CollapseTracker(4500, warmup_steps=225), slow) == []
+    every_step = mon.CollapseTracker(4500, warmup_steps=225)
+    assert [w for s, v in enumerate(slow) for w in every_step.update(s, v, {})] == []
+
+
+def test_sparse_calls_judge_the_drop_per_window_at_a_constant_rate():
+    """Calls every 500 steps of a 4500-step run (window 45): a 60% fall between two calls is a
+    fall of 1 − 0.4^(45/500) = 8% per window, not sudden; a 99.9% fall is 46% per window."""
+    tracker = mon.CollapseTracker(4500)
+    assert tracker.update(500, 1.0, {}) == []
+    assert tracker.update(1000, 0.4, {}) == []
+    assert "loss fell" in tracker.update(1500, 0.4e-3, {})[0]
 
 
 def test_tracker_warns_on_a_constructed_rankme_drop_and_sudden_loss_drop():
@@ -126,6 +190,9 @@ def test_tracker_smooths_noisy_losses_of_long_runs_but_catches_a_real_drop():
     assert [w for s, v in enumerate(noisy) for w in tracker.update(s, v, {})] == []
     dropped = [w for s in range(3000, 3400) for w in tracker.update(s, 0.5 * noisy[s - 3000], {})]
     assert len(dropped) == 1 and "loss fell" in dropped[0]
+    # the same run logged every 50 steps (interval means) warns once as well
+    losses = noisy + [0.5 * v for v in noisy[:400]]
+    assert len(_like_the_trainer(mon.CollapseTracker(total_steps=100_000), losses)) == 1
 
 
 def test_tracker_is_quiet_during_warmup_and_round_trips_through_json():
@@ -140,3 +207,8 @@ def test_tracker_is_quiet_during_warmup_and_round_trips_through_json():
     assert restored.state_dict() == tracker.state_dict()
     assert restored.update(62, 0.5, {"token_rankme": 9.0}) == tracker.update(62, 0.5, {"token_rankme": 9.0})
     assert len(restored.update(63, 0.5, {"token_rankme": 9.0})) == 1  # RankMe fell below 50% of 20
+    # a tracker state written before `previous` / `rearm` existed still loads
+    old = {k: v for k, v in tracker.state_dict().items() if k not in ("previous", "rearm")}
+    legacy = mon.CollapseTracker(total_steps=1)
+    legacy.load_state_dict(old)
+    assert legacy.previous is None and legacy.update(70, 0.5, {}) == []

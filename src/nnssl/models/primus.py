@@ -210,6 +210,24 @@ class PrimusTokenEncoder(nn.Module):
         """x [B, C, X, Y, Z]; keep int64 [B, K] or None (all N tokens) -> [B, K, E]."""
         return self.run_blocks(self.embed(x, keep), keep)
 
+    @property
+    def num_target_blocks(self) -> int:
+        """How many blocks can feed I-JEPA's averaged targets (`IJEPAConfig.target_layers`): all
+        Eva blocks (every one keeps the token grid)."""
+        return len(self.primus.eva.blocks)
+
+    def last_block_outputs(self, x: torch.Tensor, count: int) -> list[torch.Tensor]:
+        """The outputs of the last `count` Eva blocks on all N tokens, [B, N, E] each, shallowest
+        first, from one forward pass. The deepest is returned after the final norm, i.e. exactly
+        `forward(x)` (so one block reproduces the K = 1 target); the others are the residual
+        stream as the blocks output it (the final norm is trained only on the last block's
+        output, and I-JEPA normalises each block itself)."""
+        if not 1 <= count <= self.num_target_blocks:
+            raise InvalidInput(f"count={count} must be between 1 and the {self.num_target_blocks} Eva blocks")
+        blocks: list[torch.Tensor] = []
+        final = self.run_blocks(self.embed(x), None, layers=blocks)
+        return blocks[len(blocks) - count:-1] + [final]
+
     def layer_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         """All N tokens at every depth: [embedding + positions, block 1, ..., block D, final
         norm], each [B, N, E] - the multi-layer read-out of frozen-feature evaluation."""

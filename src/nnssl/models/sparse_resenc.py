@@ -258,6 +258,44 @@ class ResEncTokenEncoder(nn.Module):
             tokens = self.bottleneck(masking.apply(x)).flatten(2).transpose(1, 2)   # [B, N, E]
         return torch.gather(tokens, 1, keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
 
+    # ---- the teacher's last blocks (I-JEPA's averaged targets) -----------------------------------
+
+    def _bottleneck_blocks(self) -> tuple[list[nn.Module], nn.Sequential]:
+        """(modules before the residual blocks of the last stage, those blocks)."""
+        stage = self.network.encoder.stages[-1]
+        before: list[nn.Module] = []
+        if isinstance(stage, nn.Sequential) and not isinstance(stage, StackedResidualBlocks):
+            before, stage = list(stage)[:-1], stage[-1]  # a pooling op precedes the blocks
+        return before, stage.blocks
+
+    @property
+    def num_target_blocks(self) -> int:
+        """How many blocks can feed I-JEPA's averaged targets (`IJEPAConfig.target_layers`): the
+        residual blocks of the bottleneck stage, the only ones on the token grid (its first block
+        strides down to it; earlier stages are 2, 4, ... times finer). ResEnc-L: 6; Tiny: 1."""
+        return len(self._bottleneck_blocks()[1])
+
+    def last_block_outputs(self, x: torch.Tensor, count: int) -> list[torch.Tensor]:
+        """The dense encoder's last `count` residual-block outputs of the bottleneck stage as
+        tokens [B, N, E] (C-order cells), shallowest first; the deepest is exactly
+        `forward(x)` (the bottleneck). One forward pass of the stock modules."""
+        if not 1 <= count <= self.num_target_blocks:
+            raise InvalidResEncEncoder(f"count={count} must be between 1 and the {self.num_target_blocks} residual "
+                                       "block(s) of the bottleneck stage")
+        self._check_input(x, None)
+        encoder = self.network.encoder
+        h = encoder.stem(x)
+        for stage in list(encoder.stages)[:-1]:
+            h = stage(h)
+        before, blocks = self._bottleneck_blocks()
+        for module in before:
+            h = module(h)
+        outputs = []
+        for block in blocks:
+            h = block(h)
+            outputs.append(h)
+        return [y.flatten(2).transpose(1, 2) for y in outputs[len(outputs) - count:]]
+
     # ---- weights ---------------------------------------------------------------------------------
 
     def _transfer_prefixes(self) -> tuple[str, str]:
