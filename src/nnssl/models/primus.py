@@ -255,7 +255,7 @@ class PrimusTokenEncoder(nn.Module):
 # Primus's own defaults for them: an encoder trained otherwise would not load (register tokens,
 # MLP width, position embeddings) or would compute something else (no RoPE). Read from the
 # installed class, not copied, so a dynamic-network-architectures update that changes a default
-# shows up here (and in tests/test_nnunet_architecture.py).
+# shows up here (and in tests/test_nnunet_client.py, against nnU-Net itself).
 _NNUNET_LEAVES_AT_DEFAULT = ("num_register_tokens", "use_rot_pos_emb", "use_abs_pos_embed", "mlp_ratio",
                              "rope_kwargs")
 # nnU-Net's `PretrainedTrainer_Primusx` builds `Primus(...)` from exactly these kwargs when the
