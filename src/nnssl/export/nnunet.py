@@ -1,13 +1,14 @@
 """What nnU-Net master can do with a checkpoint, and the commands that do it.
 
-nnU-Net's pretrained fine-tuning (MIC-DKFZ/nnUNet master; documentation/finetuning_from_nnssl_checkpoints.md
-there) has two workflows, and which one works depends on the architecture the adaptation plan names:
+nnU-Net master's pretrained fine-tuning (MIC-DKFZ/nnUNet; what it does is summarised in
+documentation/finetuning_nnunet.md, "What nnU-Net does with it") has two workflows, and which one
+works depends on the architecture the adaptation plan names:
 
 - Workflow B (recommended): `nnUNetv2_preprocess_like_nnssl` builds the checkpoint's own architecture
   and preprocesses like the pretraining (`-am like_pretrained`: its spacing; z-score on every
   channel). `PretrainedTrainer` / `PretrainedTrainer_Primus` build only the preset names
   (PrimusS/B/M/L, ResEncL) and U-Net class paths; `PretrainedTrainer_Primusx` builds every Primus
-  (presets by name, other sizes from `PrimusX` kwargs) and nothing else.
+  (presets by name, other sizes from `PrimusX` kwargs).
 - Workflow A: `nnUNetv2_plan_like_dynamic` keeps an existing nnU-Net ResEnc plan and
   `DynamicPretrainedTrainer` copies what fits. The ResEnc presets (M/L/XL) all start with a
   32-channel stem, so only ResEnc-L-wide encoders load; the loader stops at a stem of another width.
@@ -32,8 +33,8 @@ DATASET, FOLD = "DATASET_ID", "FOLD"
 # when the plans name depends on the downstream dataset (no fixed pretraining spacing)
 PLANS_PLACEHOLDER = "PLANS_NAME"
 
-_NO_DYNAMIC_PRIMUS = ("Workflow A (nnUNetv2_plan_like_dynamic + DynamicPretrainedTrainer) keeps an nnU-Net CNN "
-                      "(ResEnc) plan; a Primus encoder has no counterpart in it")
+_NO_DYNAMIC_PRIMUS = ("nnUNetv2_plan_like_dynamic keeps an nnU-Net CNN (ResEnc) plan for DynamicPretrainedTrainer "
+                      "to load into; a Primus encoder has no counterpart in it")
 _PRESETS_ONLY = ("builds only the preset names (PrimusS/B/M/L, ResEncL) and U-Net class paths: "
                  "NotImplementedError for '{name}'")
 

@@ -259,7 +259,7 @@ class PrimusTokenEncoder(nn.Module):
 _NNUNET_LEAVES_AT_DEFAULT = ("num_register_tokens", "use_rot_pos_emb", "use_abs_pos_embed", "mlp_ratio",
                              "rope_kwargs")
 # nnU-Net's `PretrainedTrainer_Primusx` builds `Primus(...)` from exactly these kwargs when the
-# plan's `arch_kwargs` is not empty (nnunetv2/training/nnUNetTrainer/pretraining/thrp_primusx_finetuning.py)
+# plan's `arch_kwargs` is not empty (documentation/finetuning_nnunet.md, "What nnU-Net does with it")
 PRIMUSX_KWARGS = ("embed_dim", "patch_embed_size", "encoder_eva_depth", "encoder_eva_numheads",
                   "scale_attn_inner", "init_values")
 NNUNET_PRESET_PATCH_EMBED = [8, 8, 8]  # nnU-Net's get_network_from_name builds every Primus preset with 8³
