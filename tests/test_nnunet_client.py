@@ -155,7 +155,14 @@ def _trained(config):
 
 def _constants(config):
     """The method built without initialisation, every parameter / buffer one constant, then the
-    real export; each exported tensor stored as its constant expanded to its shape."""
+    real export; each exported tensor stored as its constant expanded to its shape.
+
+    Such a stride-0 tensor is only sound where nnU-Net copies it into its own parameters
+    (load_state_dict, the position-embedding resize). At the pretraining patch size nnU-Net
+    instead makes the checkpoint's position embedding the parameter's storage, and an optimizer
+    step then writes into one shared element (a heap corruption, measured); so these checkpoints
+    are checked in direct mode at another patch size, and the full runs use trained ones (and
+    ResEncL, which has no position embedding)."""
     with torch.device("meta"):
         method = build_method(config)
     method.to_empty(device="cpu")
