@@ -55,7 +55,8 @@ def _finetuning_section(plan: dict[str, Any], checkpoint: str, name: str) -> str
         "For a downstream dataset `DATASET_ID` in nnU-Net format (`$nnUNet_raw`), fold `FOLD`: nnU-Net's own "
         "fingerprint and base plan first, then the plan adapted to this checkpoint (its architecture, its "
         "pretraining spacing with `-am like_pretrained`, z-score on every channel), then training. `-pc` is "
-        "absolute: nnU-Net stores it in the plans and checks it when training starts.",
+        "this folder's absolute path on the machine that exported it (nnU-Net stores it in the plans and checks "
+        "it when training starts); from a published copy, pass the repository URL instead (see Publish).",
         "```bash", *commands["workflow_b"], "```",
         ("The `-p` name above is for a one-channel dataset (`Norm__Z_Z` for two channels, and so on); "
          "`nnUNetv2_preprocess_like_nnssl` writes it to `$nnUNet_preprocessed/DatasetXXX_Name/`." if
