@@ -1,12 +1,16 @@
-"""nnU-Net's pretrained-weights loading procedure, step by step, as a test double.
+"""nnU-Net's pretrained-weights loading procedure, step by step, as a fast in-process double.
 
-Written from nnU-Net's documented behaviour (CONTRACTS.md "How nnU-Net's loader behaves"), not
-from nnssl code, so the handshake test checks our checkpoints against the consumer, not against
-ourselves:
+The judge is nnU-Net master's real code (tests/test_nnunet_client.py runs every checkpoint we
+export through it); this double stays for the tests that load a checkpoint many times or in the
+middle of another test (MAE, training, export), where starting the real client would cost more
+than the test, and for machines without the client. It follows the real client's behaviour as
+read in nnU-Net master (documentation/finetuning_nnunet.md, "What nnU-Net does with it"):
 
 1. `torch.load(path, weights_only=True)` without map_location (CPU tensors required);
-2. build the downstream network from `architecture_plans.arch_class_name` (a preset name or an
-   import path with `arch_kwargs`) for the downstream input channels, classes and patch size;
+2. build the downstream network as nnU-Net's trainers do: a preset name (`PrimusS/B/M/L`,
+   `ResEncL`) by name with `arch_kwargs: null`, `PrimusX` from its six kwargs (only
+   `PretrainedTrainer_Primusx` does that), a U-Net class path with the plan's kwargs plus the
+   channels and classes nnU-Net passes itself (a plan that also holds them fails, as in nnU-Net);
 3. select encoder / stem weights with `key.startswith(key_to_encoder)` (no dot!), strip the
    prefix, repeat the in-projection across input channels (divided by their number), resize the
    learned position embedding trilinearly when the patch size differs, and load each part with a
@@ -19,18 +23,22 @@ import importlib
 
 import torch
 import torch.nn.functional as F
-from dynamic_network_architectures.architectures.primus import _PRIMUS_CONFIGS, Primus
+from dynamic_network_architectures.architectures import primus as dna_primus
 from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
 from torch import nn
 
 
 def build_downstream(plan: dict, input_channels: int, num_classes: int, patch_size: tuple[int, int, int]) -> nn.Module:
     arch = plan["architecture_plans"]
-    name = arch["arch_class_name"]
-    if name in ("PrimusS", "PrimusB", "PrimusM", "PrimusL"):  # nnU-Net's Primus trainers' settings
-        return Primus(input_channels=input_channels, num_classes=num_classes, patch_embed_size=(8, 8, 8),
-                      input_shape=tuple(patch_size), drop_path_rate=0.2, init_values=0.1, scale_attn_inner=True,
-                      **_PRIMUS_CONFIGS[name[-1]])
+    name, kwargs = arch["arch_class_name"], arch["arch_kwargs"]
+    if name in ("PrimusS", "PrimusB", "PrimusM", "PrimusL"):  # nnU-Net's get_network_from_name
+        return getattr(dna_primus, name)(input_channels=input_channels, output_channels=num_classes,
+                                         patch_embed_size=(8, 8, 8), input_shape=tuple(patch_size))
+    if name == "PrimusX":  # PretrainedTrainer_Primusx with arch_kwargs
+        return dna_primus.Primus(input_channels, kwargs["embed_dim"], tuple(kwargs["patch_embed_size"]), num_classes,
+                                 kwargs["encoder_eva_depth"], kwargs["encoder_eva_numheads"], tuple(patch_size),
+                                 drop_path_rate=0.2, scale_attn_inner=kwargs["scale_attn_inner"],
+                                 init_values=kwargs["init_values"])
     if name == "ResEncL":
         return ResidualEncoderUNet(
             input_channels=input_channels, n_stages=6, features_per_stage=[32, 64, 128, 256, 320, 320],
@@ -38,18 +46,17 @@ def build_downstream(plan: dict, input_channels: int, num_classes: int, patch_si
             n_blocks_per_stage=[1, 3, 4, 6, 6, 6], num_classes=num_classes, n_conv_per_stage_decoder=[1] * 5,
             conv_bias=True, norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
             dropout_op=None, dropout_op_kwargs=None, nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True})
+    if not name.endswith(("PlainConvUNet", "ResidualEncoderUNet")):  # nnU-Net's PretrainedTrainer
+        raise NotImplementedError(f"Unknown architecture class name: {name}")
     module, _, cls_name = name.rpartition(".")
     cls = getattr(importlib.import_module(module), cls_name)
-    kwargs = dict(arch["arch_kwargs"])
+    kwargs = dict(kwargs)
     for key in arch["arch_kwargs_requiring_import"]:
         if kwargs.get(key) is not None:
             m, _, c = kwargs[key].rpartition(".")
             kwargs[key] = getattr(importlib.import_module(m), c)
-    kwargs["input_channels"], kwargs["num_classes"] = input_channels, num_classes
-    if cls is Primus:
-        kwargs["input_shape"] = tuple(patch_size)
-        kwargs["patch_embed_size"] = tuple(kwargs["patch_embed_size"])
-    return cls(**kwargs)
+    kwargs["deep_supervision"] = False
+    return cls(input_channels=input_channels, num_classes=num_classes, **kwargs)
 
 
 def _resize_pos_embed(pos: torch.Tensor, target: torch.Tensor, grid_from, grid_to) -> torch.Tensor:

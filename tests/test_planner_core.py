@@ -36,10 +36,31 @@ def test_reference_fields_and_our_additions(tmp_path):
     assert iso.median_shape_after_resampling == [150.0, 180.0, 216.0]  # 50*3, 200*.9, 240*.9, transposed
     assert iso.patch_size == [152, 160, 160] and iso.batch_size == 8 and "160" in iso.reasoning["patch_size"]
     assert plans.configuration("median").spacing == [3.0, 0.9, 0.9]
-    assert plans.normalization_per_modality["ct"]["scheme"] == "CTNormalization"
-    assert plans.normalization_per_modality["T1w"] == {"scheme": "ZScoreNormalization"}
+    # per-image z-score for every modality by default: what nnU-Net's Workflow B applies downstream
+    assert plans.normalization_per_modality == {"T1w": {"scheme": "ZScoreNormalization"},
+                                                "ct": {"scheme": "ZScoreNormalization"}}
+    assert iso.normalization_schemes == ["ZScoreNormalization"]
     plans.save(tmp_path / "nnsslPlans.json")
     assert Plans.load(tmp_path / "nnsslPlans.json").to_dict() == plans.to_dict()
+
+
+def test_ct_clip_and_dataset_zscore_is_an_explicit_plan_choice(tmp_path, monkeypatch):
+    plans = plan_experiment("Dataset001_X", _fingerprint(), ct_normalization="CTNormalization")
+    assert plans.normalization_per_modality["ct"] == {"scheme": "CTNormalization", "mean": 40.0, "std": 300.0,
+                                                      "percentile_00_5": -1000.0, "percentile_99_5": 1500.0}
+    assert plans.normalization_per_modality["T1w"] == {"scheme": "ZScoreNormalization"}  # CT only
+    assert plans.configuration("onemmiso").normalization_schemes == ["CTNormalization", "ZScoreNormalization"]
+    with pytest.raises(NnsslError, match="choose one of ZScoreNormalization, CTNormalization"):
+        plan_experiment("Dataset001_X", _fingerprint(), ct_normalization="clip")
+    # the planner commands expose it
+    from nnssl.cli import preprocess as cli
+    from nnssl.preprocessing import runner
+
+    seen = []
+    monkeypatch.setattr(runner, "plan_and_save", lambda d, ct: seen.append((d, ct)) or tmp_path / "p.json")
+    assert cli.plan_experiment_main(["-d", "1", "-ct_norm", "CTNormalization"]) == 0
+    assert cli.plan_experiment_main(["-d", "2"]) == 0
+    assert seen == [("1", "CTNormalization"), ("2", "ZScoreNormalization")]
 
 
 def test_unknown_keys_kept_and_errors_list_valid_configurations(tmp_path):

@@ -18,6 +18,15 @@ def _datasets(p: argparse.ArgumentParser) -> None:
     p.add_argument("-d", nargs="+", required=True, dest="datasets", help="dataset ids or names")
 
 
+def _ct_normalization(p: argparse.ArgumentParser) -> None:
+    from nnssl.planning.planner import CT_NORMALIZATIONS
+
+    p.add_argument("-ct_norm", default="ZScoreNormalization", choices=CT_NORMALIZATIONS, dest="ct_normalization",
+                   help="how CT is normalised: per-image z-score (default; what nnU-Net's recommended fine-tuning, "
+                        "nnUNetv2_preprocess_like_nnssl, applies) or nnU-Net's CTNormalization (clip to the "
+                        "dataset's 0.5/99.5 percentiles, dataset z-score)")
+
+
 def _report(outcomes) -> int:
     for o in outcomes:
         print(o)
@@ -37,6 +46,7 @@ def plan_and_preprocess_main(argv: Sequence[str] | None = None) -> int:
                    help="run the header-only integrity check first and stop on problems")
     p.add_argument("--no_pp", action="store_true", help="only fingerprint and plan")
     p.add_argument("--clean", action="store_true", help="delete earlier preprocessed output and start over")
+    _ct_normalization(p)
     add_verbose(p)
 
     def body(a: argparse.Namespace) -> int:
@@ -44,7 +54,7 @@ def plan_and_preprocess_main(argv: Sequence[str] | None = None) -> int:
 
         return _report(plan_and_preprocess(a.datasets, tuple(a.configurations), a.num_processes,
                                            a.num_processes_fingerprint, a.verify_dataset_integrity,
-                                           a.no_pp, a.clean))
+                                           a.no_pp, a.clean, a.ct_normalization))
 
     return run_cli(p, body, argv)
 
@@ -68,13 +78,14 @@ def extract_fingerprint_main(argv: Sequence[str] | None = None) -> int:
 def plan_experiment_main(argv: Sequence[str] | None = None) -> int:
     p = make_parser("nnssl_plan_experiment", "Write nnsslPlans.json from the dataset fingerprint.")
     _datasets(p)
+    _ct_normalization(p)
     add_verbose(p)
 
     def body(a: argparse.Namespace) -> int:
         from nnssl.preprocessing.runner import plan_and_save
 
         for d in a.datasets:
-            print(f"wrote {plan_and_save(d)}")
+            print(f"wrote {plan_and_save(d, a.ct_normalization)}")
         return 0
 
     return run_cli(p, body, argv)

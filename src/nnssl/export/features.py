@@ -192,15 +192,25 @@ def pretrain_configuration(adaptation_plan: dict[str, Any], source: str = "<plan
 
 def _spec_from_plan(plan: dict[str, Any], source: str) -> BackboneSpec:
     """Rebuild the description of a third-party (reference nnssl) checkpoint from its adaptation
-    plan: a preset name with `arch_kwargs: None` means nnU-Net's preset at the plan's patch size."""
+    plan: a preset name with `arch_kwargs: None` means nnU-Net's preset at the plan's patch size,
+    `PrimusX` what `PretrainedTrainer_Primusx` builds from its kwargs, a class path that class
+    with the plan's kwargs (nnU-Net passes the channels and classes itself)."""
     arch = plan["architecture_plans"]
     name, kwargs = arch.get("arch_class_name"), arch.get("arch_kwargs")
     patch = tuple(int(p) for p in pretrain_configuration(plan, source).get("patch_size") or ())
     channels = int(plan["pretrain_num_input_channels"])
     keys = {"key_to_encoder": plan["key_to_encoder"], "key_to_stem": plan["key_to_stem"],
             "keys_to_in_proj": tuple(plan.get("keys_to_in_proj") or ()), "key_to_lpe": plan.get("key_to_lpe")}
-    is_primus = name in PRIMUS_PRESET_NAMES or str(name).endswith(".Primus")
-    if kwargs is None:
+    is_primus = name in PRIMUS_PRESET_NAMES or name == "PrimusX" or str(name).endswith(".Primus")
+    if name == "PrimusX":
+        from nnssl.models.primus import InvalidPrimusConfig, primus_kwargs_from_primusx
+
+        try:
+            kwargs = primus_kwargs_from_primusx(kwargs or {}, channels, patch)
+        except InvalidPrimusConfig as e:
+            raise InvalidCheckpoint(f"{source}: {e}") from e
+        requiring = []
+    elif kwargs is None:
         if name in PRIMUS_PRESET_NAMES:
             from nnssl.models.primus import primus_arch_kwargs
 
@@ -215,6 +225,7 @@ def _spec_from_plan(plan: dict[str, Any], source: str) -> BackboneSpec:
         kwargs, requiring = plain_arch_kwargs(kwargs)
     else:
         requiring = list(arch.get("arch_kwargs_requiring_import") or [])
+        kwargs = {"num_classes": 1, **kwargs}  # nnU-Net passes the classes itself; our rebuild needs a value
     if is_primus:
         network_class = PRIMUS_CLASS
         input_shape = tuple(kwargs.get("input_shape") or patch)

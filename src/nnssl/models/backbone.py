@@ -17,8 +17,7 @@ from torch import nn
 
 from nnssl.errors import InvalidInput
 
-# Import paths of the classes nnU-Net's `arch_kwargs_requiring_import` names (e.g. conv_op).
-_IMPORTABLE_KWARGS = ("conv_op", "norm_op", "dropout_op", "nonlin", "block")
+PRIMUS_CLASS_PATH = "dynamic_network_architectures.architectures.primus.Primus"
 
 
 def class_path(cls: type) -> str:
@@ -63,12 +62,13 @@ def importable_arch_kwargs(kwargs: dict[str, Any], requiring_import: list[str]) 
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """The architecture of a pretrained encoder, in the fields of nnssl's adaptation plan.
+    """The architecture of a pretrained encoder: how we rebuild it and how nnU-Net builds it.
 
-    `arch_class_name` is a preset nnU-Net knows (`PrimusS/B/M/L`, `ResEncL`) or, for networks
-    outside the presets (the CPU-sized `Tiny`), the class's import path; `arch_kwargs` always
-    holds the complete constructor arguments (plain types), so the network can be rebuilt
-    exactly with `build()` either way.
+    `network_class` and `arch_kwargs` (the complete constructor arguments, plain types) rebuild
+    the network exactly (`build()`; saved as the checkpoint's `nnssl_backbone`).
+    `arch_class_name` is the name nnU-Net builds it by (`PrimusS/B/M/L`, `ResEncL`, `PrimusX`
+    for other Primus sizes such as `Tiny`, or a U-Net class path), and `architecture_plans()`
+    the adaptation plan's description of it, in nnU-Net master's form.
     """
 
     arch_class_name: str
@@ -114,8 +114,23 @@ class BackboneSpec:
         return import_class(self.network_class)(**kwargs)
 
     def architecture_plans(self) -> dict[str, Any]:
-        """`architecture_plans` of the adaptation plan (plain types)."""
-        return {"arch_class_name": self.arch_class_name, "arch_kwargs": dict(self.arch_kwargs),
+        """`architecture_plans` of the adaptation plan: what nnU-Net master's fine-tuning builds
+        into this network (a preset name with `arch_kwargs: null`, `PrimusX` kwargs, or a U-Net
+        class path without the kwargs nnU-Net passes itself), not our constructor kwargs; those
+        stay in `to_dict()` (the checkpoint's `nnssl_backbone`). Computed from `network_class`
+        and `arch_kwargs`, so a spec read from an older checkpoint gets today's form too."""
+        if self.network_class == PRIMUS_CLASS_PATH:
+            from nnssl.models.primus import nnunet_primus_architecture
+
+            return nnunet_primus_architecture(self.arch_kwargs)
+        if self.network_class.endswith(".ResidualEncoderUNet"):
+            from nnssl.models.resenc import nnunet_resenc_architecture
+
+            return nnunet_resenc_architecture(importable_arch_kwargs(self.arch_kwargs,
+                                                                     self.arch_kwargs_requiring_import))
+        passed_by_nnunet = (self.channels_kwarg, self.classes_kwarg, "deep_supervision")
+        return {"arch_class_name": self.network_class,
+                "arch_kwargs": {k: v for k, v in self.arch_kwargs.items() if k not in passed_by_nnunet},
                 "arch_kwargs_requiring_import": list(self.arch_kwargs_requiring_import)}
 
     def transfer_keys(self) -> dict[str, Any]:

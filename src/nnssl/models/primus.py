@@ -20,6 +20,7 @@ Token order is Primus's: `b c w h d -> b (w h d) c` (C-order over the grid), the
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -260,13 +261,79 @@ class PrimusTokenEncoder(nn.Module):
                 for k, v in self.primus.state_dict().items() if self._is_encoder_key(k)}
 
 
+# The Primus settings nnU-Net's fine-tuning builders never pass, so the downstream network takes
+# Primus's own defaults for them: an encoder trained otherwise would not load (register tokens,
+# MLP width, position embeddings) or would compute something else (no RoPE). Read from the
+# installed class, not copied, so a dynamic-network-architectures update that changes a default
+# shows up here (and in tests/test_nnunet_client.py, against nnU-Net itself).
+_NNUNET_LEAVES_AT_DEFAULT = ("num_register_tokens", "use_rot_pos_emb", "use_abs_pos_embed", "mlp_ratio",
+                             "rope_kwargs")
+# nnU-Net's `PretrainedTrainer_Primusx` builds `Primus(...)` from exactly these kwargs when the
+# plan's `arch_kwargs` is not empty (documentation/finetuning_nnunet.md, "What nnU-Net does with it")
+PRIMUSX_KWARGS = ("embed_dim", "patch_embed_size", "encoder_eva_depth", "encoder_eva_numheads",
+                  "scale_attn_inner", "init_values")
+NNUNET_PRESET_PATCH_EMBED = [8, 8, 8]  # nnU-Net's get_network_from_name builds every Primus preset with 8³
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    return {k: p.default for k, p in inspect.signature(cls).parameters.items() if p.default is not p.empty}
+
+
+def nnunet_primus_architecture(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`architecture_plans` that nnU-Net master builds into exactly the Primus of `kwargs`
+    (`primus_arch_kwargs`): a preset name with `arch_kwargs: null` (what the reference nnssl
+    writes; every Primus trainer builds it by name) when width, depth, heads, the 8³ patch
+    embedding, LayerScale and attention scaling are the preset's, otherwise `PrimusX` with the
+    kwargs `PretrainedTrainer_Primusx` reads (only that trainer builds custom sizes)."""
+    from dynamic_network_architectures.architectures import primus as dna_primus
+
+    base = _defaults(Primus)
+    differs = [f"{k}={kwargs[k]!r} (nnU-Net builds {base[k]!r})" for k in _NNUNET_LEAVES_AT_DEFAULT
+               if k in kwargs and kwargs[k] != base[k]]
+    if differs:
+        raise InvalidPrimusConfig("nnU-Net's Primus fine-tuning builders leave these at Primus's defaults, so this "
+                                  "encoder cannot be fine-tuned there; pretrain with the defaults:", differs)
+    for name, config in _PRIMUS_CONFIGS.items():
+        preset_class = getattr(dna_primus, f"Primus{name}", None)
+        if preset_class is None:
+            continue
+        preset = _defaults(preset_class)
+        if (all(kwargs.get(k) == int(v) for k, v in config.items())
+                and list(kwargs.get("patch_embed_size", ())) == NNUNET_PRESET_PATCH_EMBED
+                and kwargs.get("init_values") == preset["init_values"]
+                and kwargs.get("scale_attn_inner") == preset["scale_attn_inner"]):
+            return {"arch_class_name": f"Primus{name}", "arch_kwargs": None, "arch_kwargs_requiring_import": []}
+    return {"arch_class_name": "PrimusX", "arch_kwargs": {
+        "embed_dim": int(kwargs["embed_dim"]), "patch_embed_size": [int(p) for p in kwargs["patch_embed_size"]],
+        "encoder_eva_depth": int(kwargs["eva_depth"]), "encoder_eva_numheads": int(kwargs["eva_numheads"]),
+        "scale_attn_inner": bool(kwargs.get("scale_attn_inner", base["scale_attn_inner"])),
+        "init_values": kwargs.get("init_values", base["init_values"])}, "arch_kwargs_requiring_import": []}
+
+
+def primus_kwargs_from_primusx(primusx: dict[str, Any], input_channels: int,
+                               input_shape: tuple[int, int, int]) -> dict[str, Any]:
+    """Our complete Primus kwargs for a `PrimusX` plan (ours or the reference nnssl's, which adds
+    more keys): what `PretrainedTrainer_Primusx` builds from it, without its downstream drop path."""
+    missing = [k for k in PRIMUSX_KWARGS if k not in primusx]
+    if missing:
+        raise InvalidPrimusConfig(f"a PrimusX architecture plan needs {list(PRIMUSX_KWARGS)}; missing {missing}")
+    base = _defaults(Primus)
+    init_values = primusx["init_values"]
+    return {"input_channels": int(input_channels), "embed_dim": int(primusx["embed_dim"]),
+            "eva_depth": int(primusx["encoder_eva_depth"]), "eva_numheads": int(primusx["encoder_eva_numheads"]),
+            "patch_embed_size": [int(p) for p in primusx["patch_embed_size"]], "num_classes": 1,
+            "input_shape": [int(s) for s in input_shape], "drop_path_rate": 0.0,
+            "init_values": init_values[0] if isinstance(init_values, list) else init_values,
+            "scale_attn_inner": bool(primusx["scale_attn_inner"]),
+            **{k: base[k] for k in _NNUNET_LEAVES_AT_DEFAULT}, "patch_drop_rate": 0.0}
+
+
 def primus_backbone_spec(primus: Primus, kwargs: dict[str, Any]) -> BackboneSpec:
     """The adaptation-plan description of a Primus built from `kwargs` (`primus_arch_kwargs`):
-    presets export as `PrimusS/B/M/L` (what nnU-Net builds by name), anything else (Tiny) by
-    the class's import path; `arch_kwargs` is complete either way."""
-    preset = next((name for name, cfg in PRIMUS_PRESETS.items() if name != "Tiny"
-                   and all(kwargs.get(k) == v for k, v in cfg.items())), None)
-    name = f"Primus{preset}" if preset else "dynamic_network_architectures.architectures.primus.Primus"
+    `arch_class_name` is what nnU-Net builds (`nnunet_primus_architecture`: a preset name, or
+    `PrimusX` for other sizes such as Tiny); `arch_kwargs` keeps the complete constructor
+    arguments, so `BackboneSpec.build` rebuilds exactly this network either way."""
+    name = nnunet_primus_architecture(kwargs)["arch_class_name"]
     return BackboneSpec.from_network(primus, name, kwargs, tuple(kwargs["input_shape"]), shape_kwarg="input_shape")
 
 

@@ -13,7 +13,7 @@ from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
 from torch import nn
 
 from nnssl.errors import InvalidInput
-from nnssl.models.backbone import BackboneSpec
+from nnssl.models.backbone import BackboneSpec, plain_arch_kwargs
 from nnssl.models.registry import BackboneEntry, BackboneFamily, ModelSettings, register_backbone, register_family
 from nnssl.models.sparse_resenc import ResEncTokenEncoder
 
@@ -63,13 +63,31 @@ def build_resenc_l(input_channels: int = 1, num_classes: int = 1, deep_supervisi
     return ResidualEncoderUNet(**resenc_l_arch_kwargs(input_channels, num_classes, deep_supervision, preset))
 
 
+# nnU-Net passes these itself when it builds a network from a plan (get_network_from_plans:
+# `input_channels=..., num_classes=..., **arch_kwargs`, and it sets deep_supervision), so a plan
+# that also holds them fails with "got multiple values for keyword argument".
+NNUNET_PASSES_ITSELF = ("input_channels", "num_classes", "deep_supervision")
+RESENC_CLASS_PATH = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+
+
+def nnunet_resenc_architecture(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`architecture_plans` that nnU-Net master builds into the ResidualEncoderUNet of `kwargs`:
+    `ResEncL` with `arch_kwargs: null` (built by name, like the reference nnssl) when it is
+    nnU-Net's ResEncL, otherwise the class path with the constructor kwargs minus the ones
+    nnU-Net passes itself (`NNUNET_PASSES_ITSELF`)."""
+    plain, requiring = plain_arch_kwargs({k: v for k, v in kwargs.items() if k not in NNUNET_PASSES_ITSELF})
+    reference, _ = plain_arch_kwargs({k: v for k, v in resenc_l_arch_kwargs().items() if k not in NNUNET_PASSES_ITSELF})
+    if plain == reference:
+        return {"arch_class_name": "ResEncL", "arch_kwargs": None, "arch_kwargs_requiring_import": []}
+    return {"arch_class_name": RESENC_CLASS_PATH, "arch_kwargs": plain, "arch_kwargs_requiring_import": requiring}
+
+
 def resenc_backbone_spec(network: ResidualEncoderUNet, kwargs: dict[str, Any],
                          patch_size: tuple[int, int, int]) -> BackboneSpec:
     """ResEnc-L exports as `ResEncL` (the preset nnU-Net builds by name); other widths (Tiny) by
-    the class's import path. `arch_kwargs` is complete either way."""
-    is_l = kwargs["features_per_stage"] == RESENC_PRESETS["L"]["features_per_stage"] and \
-        kwargs["n_blocks_per_stage"] == RESENC_PRESETS["L"]["n_blocks_per_stage"]
-    name = "ResEncL" if is_l else "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+    the class's import path (`nnunet_resenc_architecture`). The spec's `arch_kwargs` keep the
+    complete constructor arguments either way, so `BackboneSpec.build` rebuilds exactly."""
+    name = nnunet_resenc_architecture(kwargs)["arch_class_name"]
     return BackboneSpec.from_network(network, name, kwargs, patch_size)
 
 

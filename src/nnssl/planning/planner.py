@@ -30,11 +30,27 @@ def transpose_from_spacing(median_spacing: list[float]) -> tuple[list[int], list
     return forward, backward
 
 
-def normalization_for(intensity: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]:
-    """CT: clip to dataset 0.5/99.5 percentiles + dataset z-score; everything else per-image z-score."""
+# How CT is normalised before pretraining (`plan_experiment(ct_normalization=...)`, the planners'
+# `-ct_norm` flag, or edit `normalization_per_modality` in nnsslPlans.json before preprocessing):
+# - "ZScoreNormalization" (default): per-image z-score, like every other modality and like the
+#   reference nnssl. nnU-Net's recommended fine-tuning (Workflow B, nnUNetv2_preprocess_like_nnssl)
+#   z-scores every channel per image, so the encoder sees at fine-tuning what it saw in pretraining.
+# - "CTNormalization": nnU-Net's CT scheme, clip to the dataset's 0.5/99.5 percentiles and z-score
+#   with the dataset's mean and std. Workflow A (nnUNetv2_plan_like_dynamic) keeps the downstream
+#   plan's CTNormalization, computed with the *downstream* dataset's statistics.
+CT_NORMALIZATIONS = ("ZScoreNormalization", "CTNormalization")
+
+
+def normalization_for(intensity: dict[str, dict[str, float]],
+                      ct_normalization: str = "ZScoreNormalization") -> dict[str, dict[str, Any]]:
+    """The normalisation per modality: per-image z-score for every modality, unless
+    `ct_normalization="CTNormalization"` (then CT is clipped to the dataset's 0.5/99.5
+    percentiles and z-scored with the dataset's statistics, which are recorded here)."""
+    if ct_normalization not in CT_NORMALIZATIONS:
+        raise NnsslError(f"unknown CT normalisation {ct_normalization!r}; choose one of {', '.join(CT_NORMALIZATIONS)}")
     out = {}
     for modality, stats in intensity.items():
-        if modality in CT_MODALITIES:
+        if modality in CT_MODALITIES and ct_normalization == "CTNormalization":
             out[modality] = {"scheme": "CTNormalization", "mean": stats["mean"], "std": stats["std"],
                              "percentile_00_5": stats["percentile_00_5"],
                              "percentile_99_5": stats["percentile_99_5"]}
@@ -52,7 +68,8 @@ def _patch_for(median_shape: list[float]) -> tuple[list[int], str]:
 
 
 def plan_experiment(dataset_name: str, fingerprint: dict[str, Any],
-                    configurations: tuple[str, ...] = CONFIGURATIONS) -> Plans:
+                    configurations: tuple[str, ...] = CONFIGURATIONS,
+                    ct_normalization: str = "ZScoreNormalization") -> Plans:
     if not fingerprint.get("images"):
         raise NnsslError(f"{dataset_name}: the fingerprint has no readable image; fix the failures it "
                          "lists and re-run nnssl_extract_fingerprint")
@@ -62,7 +79,7 @@ def plan_experiment(dataset_name: str, fingerprint: dict[str, Any],
     forward, backward = transpose_from_spacing(median_spacing.tolist())
     median_spacing_t = median_spacing[forward]
     physical = np.median(shapes * spacings, 0)[forward]  # median extent in mm, transposed
-    normalization = normalization_for(fingerprint.get("intensity_statistics_per_modality", {}))
+    normalization = normalization_for(fingerprint.get("intensity_statistics_per_modality", {}), ct_normalization)
     configs = {}
     for name in configurations:
         if name not in CONFIGURATIONS:

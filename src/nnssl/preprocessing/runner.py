@@ -206,14 +206,14 @@ def extract_and_save_fingerprint(dataset: str | int, num_processes: int = 4) -> 
     return out
 
 
-def plan_and_save(dataset: str | int) -> Path:
+def plan_and_save(dataset: str | int, ct_normalization: str = "ZScoreNormalization") -> Path:
     from nnssl.io_utils import read_json
 
     name = paths.resolve_dataset_name(dataset)
     fp_path = paths.nnssl_preprocessed() / name / "dataset_fingerprint.json"
     if not fp_path.is_file():
         raise NnsslError(f"{fp_path} not found; run nnssl_extract_fingerprint -d {dataset} first")
-    plans = plan_experiment(name, read_json(fp_path))
+    plans = plan_experiment(name, read_json(fp_path), ct_normalization=ct_normalization)
     out = paths.nnssl_preprocessed() / name / "nnsslPlans.json"
     plans.save(out)
     return out
@@ -221,7 +221,8 @@ def plan_and_save(dataset: str | int) -> Path:
 
 def plan_and_preprocess(datasets: list[str | int], configurations: tuple[str, ...] = ("onemmiso",),
                         num_processes: int = 4, num_processes_fingerprint: int = 4,
-                        verify: bool = False, no_pp: bool = False, clean: bool = False) -> list[PreprocessOutcome]:
+                        verify: bool = False, no_pp: bool = False, clean: bool = False,
+                        ct_normalization: str = "ZScoreNormalization") -> list[PreprocessOutcome]:
     outcomes: list[PreprocessOutcome] = []
     for dataset in datasets:
         name = paths.resolve_dataset_name(dataset)
@@ -235,7 +236,7 @@ def plan_and_preprocess(datasets: list[str | int], configurations: tuple[str, ..
             if not report.ok:
                 raise NnsslError(f"{name} failed the integrity check:\n{report.format_table()}")
         extract_and_save_fingerprint(name, num_processes_fingerprint)
-        plan_and_save(name)
+        plan_and_save(name, ct_normalization)
         if not no_pp:
             outcomes += preprocess(name, configurations, num_processes)
     return outcomes

@@ -128,18 +128,58 @@ def _interpolate_positions(weight: torch.Tensor, target_shape: torch.Size, grid_
     return resized.permute(0, 2, 3, 4, 1).reshape(target_shape)
 
 
-def load_pretrained_weights(method: Any, path: Path) -> int:
-    """Load an exported checkpoint's `network_weights` into the student (and teacher) encoder.
+def _under(key: str, prefix: str) -> bool:
+    return key == prefix or key.startswith(prefix + ".")
 
-    The weights are keyed as the downstream network names them (`eva.*`, `encoder.stages.*`);
-    they are matched to the method's own parameter names by suffix. A learned position
-    embedding of another grid is interpolated trilinearly. Returns the number of tensors loaded.
-    """
-    data = load_checkpoint(path)
+
+def select_encoder_weights(data: dict[str, Any], path: Path, default_keys: tuple[str, str]
+                           ) -> tuple[dict[str, torch.Tensor], list[str], tuple[str, str]]:
+    """(encoder + stem tensors, names of the ignored rest, the two prefixes used) of a
+    checkpoint's `network_weights`,
+    selected by its adaptation plan's `key_to_encoder` / `key_to_stem` (`default_keys` for a
+    checkpoint without a plan). A reference nnssl checkpoint also holds its decoder
+    (`up_projection.*`, `decoder.*`) and `mask_token` there; nnU-Net ignores those, so do we."""
     weights = data.get("network_weights")
     if not isinstance(weights, dict) or not weights:
         raise CheckpointError(f"{path} has no network_weights; pass a checkpoint written by nnssl_train or "
-                              "nnssl_export")
+                              "nnssl_export, or a reference nnssl checkpoint")
+    plan = data.get("nnssl_adaptation_plan") or {}
+    prefixes = (plan.get("key_to_encoder") or default_keys[0], plan.get("key_to_stem") or default_keys[1])
+    selected = {k: v for k, v in weights.items() if any(_under(k, p) for p in prefixes)}
+    if not selected:
+        raise CheckpointError(f"{path}: no network_weights under the encoder / stem keys {list(prefixes)} (it "
+                              f"holds e.g. {sorted(weights)[:3]}); the checkpoint is for another backbone")
+    return selected, sorted(set(weights) - set(selected)), prefixes
+
+
+def _summary(keys: list[str], limit: int = 6) -> str:
+    """'up_projection (4), mask_token (1)': ignored keys grouped by their first component."""
+    groups: dict[str, int] = {}
+    for k in keys:
+        groups[k.split(".", 1)[0]] = groups.get(k.split(".", 1)[0], 0) + 1
+    shown = [f"{g} ({n})" for g, n in list(groups.items())[:limit]]
+    return ", ".join(shown) + (f", ... ({len(groups) - limit} more groups)" if len(groups) > limit else "")
+
+
+def load_pretrained_weights(method: Any, path: Path) -> int:
+    """Warm-start the student (and teacher) encoder from a checkpoint's `network_weights`.
+
+    Accepts our checkpoints and exports and the reference nnssl's, whose `network_weights` is the
+    whole pretraining network: like nnU-Net's loader, only the tensors under the adaptation
+    plan's `key_to_encoder` / `key_to_stem` are used, and the rest (decoder, `mask_token`) is
+    reported in the log. They are keyed as the downstream network names them (`eva.*`,
+    `encoder.stages.*`) and matched to the method's own parameter names by suffix; the encoder
+    must be complete (a missing tensor means another backbone). A learned position embedding of
+    another grid is interpolated trilinearly. Returns the number of tensors loaded.
+    """
+    data = load_checkpoint(path)
+    backbone = method.backbone
+    weights, ignored, prefixes = select_encoder_weights(data, path, (backbone.key_to_encoder, backbone.key_to_stem))
+    expected = set(method.export_encoder_state_dict())  # this backbone's encoder, downstream names
+    absent = sorted(expected - set(weights))
+    if absent:
+        raise CheckpointError(f"{path}: {len(absent)} encoder tensors of this trainer's backbone are not in the "
+                              f"checkpoint (e.g. {absent[:3]}); it is for another backbone")
     own = method.state_dict()
     mapped: dict[str, torch.Tensor] = {}
     missing = []
@@ -160,6 +200,9 @@ def load_pretrained_weights(method: Any, path: Path) -> int:
                               f"network (e.g. {missing[:3]}); the checkpoint is for another backbone")
     method.load_state_dict({**own, **mapped})
     logger.info("loaded %d pretrained encoder tensors from %s", len(weights), path)
+    if ignored:
+        logger.info("ignored %d tensors of %s outside the encoder and stem (%s, %s): %s", len(ignored), path,
+                    *prefixes, _summary(ignored))
     return len(weights)
 
 
