@@ -133,9 +133,9 @@ def dynamic_load(ck: dict, info: dict, a, rep) -> None:
 def parse_commands(commands: list[str]) -> list[str]:
     """Each `nnUNetv2_*` command through nnU-Net's own argparse, the work itself stubbed out (a
     local `-pc` still goes through nnU-Net's existence check); returns the problems."""
-    import torch
     import nnunetv2.experiment_planning.like_nnssl as like
     import nnunetv2.run.run_training_from_pretrained as run
+    import torch
 
     real_download = like.maybe_download_pretrained_weights
     stubs = {(like, "preprocess_like_nnssl"): lambda **kwargs: None,
@@ -179,8 +179,11 @@ def _reuse_preset_networks() -> None:
     before any weights were loaded into it."""
     import copy
 
-    from nnunetv2.training.nnUNetTrainer.pretraining import (dynamicPretrainedTrainer, pretrainedTrainer,
-                                                             thrp_primusx_finetuning)
+    from nnunetv2.training.nnUNetTrainer.pretraining import (
+        dynamicPretrainedTrainer,
+        pretrainedTrainer,
+        thrp_primusx_finetuning,
+    )
     from nnunetv2.utilities import get_network_via_name
 
     real, built = get_network_via_name.get_network_from_name, {}

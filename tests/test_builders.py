@@ -11,8 +11,13 @@ import pytest
 import SimpleITK as sitk
 
 from nnssl.cli.dataset import create_dataset_main, generate_phantoms_main
-from nnssl.data.builders import (DEFAULT_SESSION, collection_from_bids, collection_from_flat_folder, create_dataset,
-                                 detect_layout)
+from nnssl.data.builders import (
+    DEFAULT_SESSION,
+    collection_from_bids,
+    collection_from_flat_folder,
+    create_dataset,
+    detect_layout,
+)
 from nnssl.data.collection import Collection
 from nnssl.errors import InvalidInput, NnsslError
 

@@ -14,7 +14,11 @@ import numpy as np
 import pytest
 
 from nnssl.dataloading.dataset import (
-    CaseRecord, load_cases, make_or_load_splits, num_val_subjects, split_cases,
+    CaseRecord,
+    load_cases,
+    make_or_load_splits,
+    num_val_subjects,
+    split_cases,
 )
 from nnssl.errors import InvalidInput
 from nnssl.preprocessing.storage import save_array

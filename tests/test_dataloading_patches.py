@@ -8,7 +8,12 @@ import scipy.ndimage as ndi
 
 import nnssl.dataloading.patches as patches
 from nnssl.dataloading.augment import (
-    AugmentConfig, PatchWarp, SpatialParams, augment_intensity, rotation_matrix, source_region,
+    AugmentConfig,
+    PatchWarp,
+    SpatialParams,
+    augment_intensity,
+    rotation_matrix,
+    source_region,
 )
 from nnssl.dataloading.dataset import load_cases
 from nnssl.dataloading.patches import foreground_start, foreground_voxels, random_start, read_padded

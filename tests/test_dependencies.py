@@ -7,8 +7,9 @@ from __future__ import annotations
 import ast
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 # pins of transitive dependencies, commented in pyproject.toml: timm needs torchvision, and an

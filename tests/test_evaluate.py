@@ -37,6 +37,7 @@ from nnssl.models.primus import (
     primus_arch_kwargs,
     primus_backbone_spec,
 )
+from nnssl.models.registry import nnunet_architecture_plans
 from nnssl.models.resenc import (
     build_resenc_l,
     resenc_backbone_spec,
@@ -45,7 +46,7 @@ from nnssl.models.resenc import (
 
 
 def _plan(spec, patch, spacing=(1.0, 1.0, 1.0)) -> dict:
-    return {"architecture_plans": spec.architecture_plans(),
+    return {"architecture_plans": nnunet_architecture_plans(spec),
             "pretrain_plan": {"plans_name": "nnsslPlans", "transpose_forward": [0, 1, 2],
                               "normalization_per_modality": {"T1w": {"scheme": "ZScoreNormalization"}},
                               "configurations": {"onemmiso": {"spacing": list(spacing), "patch_size": list(patch),

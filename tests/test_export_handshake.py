@@ -16,11 +16,12 @@ import pytest
 import torch
 
 from downstream_nnunet import load_like_nnunet
-from nnssl.export.adaptation_plan import adaptation_plan, citations
+from nnssl.checkpoints.format import save_checkpoint
+from nnssl.checkpoints.handshake import adaptation_plan, citations
 from nnssl.methods.factory import build_method
 from nnssl.models.primus import PrimusTokenEncoder
+from nnssl.models.registry import nnunet_architecture_plans
 from nnssl.planning.plans import ConfigurationPlan, Plans
-from nnssl.training.checkpoint import save_checkpoint
 from nnssl.training.names import resolve_config
 
 
@@ -51,7 +52,7 @@ def _checkpoint(trainer: str, patch: int, path: Path, steps: int = 1):
         method.after_optimizer_step(step, 0.9)  # a visible EMA: teacher != student
     save_checkpoint(path, {"network_weights": method.export_encoder_state_dict(),
                            "nnssl_adaptation_plan": adaptation_plan(method.backbone, _plans(), "onemmiso", 1),
-                           "trainer_name": trainer, "citations": citations(config.method, method.backbone)})
+                           "trainer_name": trainer, "citations": citations(config.method, config.backbone)})
     return method
 
 
@@ -131,7 +132,7 @@ def test_presets_are_named_with_null_kwargs_like_the_reference(trainer, expected
     config = resolve_config(trainer, overrides={"patch_size": (64,) * 3})
     with torch.device("meta"):
         backbone = build_method(config).backbone
-    assert backbone.architecture_plans() == {"arch_class_name": expected, "arch_kwargs": None,
+    assert nnunet_architecture_plans(backbone) == {"arch_class_name": expected, "arch_kwargs": None,
                                              "arch_kwargs_requiring_import": []}
     assert backbone.arch_class_name == expected
     assert backbone.to_dict()["arch_kwargs"]["input_channels"] == 1  # our full kwargs stay in nnssl_backbone

@@ -12,14 +12,15 @@ import re
 import numpy as np
 import pytest
 import torch
-from downstream_nnunet import load_like_nnunet
 
+from downstream_nnunet import load_like_nnunet
 from nnssl.errors import InvalidInput
 from nnssl.methods.base import PretrainingMethod
 from nnssl.methods.factory import build_method
 from nnssl.methods.mae import InvalidMAEConfig, RandomMaskSampler, masked_mse
 from nnssl.methods.mae_primus import PrimusMAE
 from nnssl.methods.mae_resenc import ResEncMAE
+from nnssl.models.registry import nnunet_architecture_plans
 from nnssl.models.resenc import build_resenc_l
 from nnssl.training.names import UnknownTrainer, resolve_config
 
@@ -330,7 +331,7 @@ def test_export_loads_strictly_into_a_fresh_downstream_network(family, tmp_path)
     weights = method.export_encoder_state_dict()
     # the project's nnU-Net test double: per-prefix strict loads into the submodules (a missing
     # key fails too), for a 2-channel, 3-class downstream task (in-projection repeated / 2)
-    plan = {"architecture_plans": spec.architecture_plans(), "pretrain_num_input_channels": 1,
+    plan = {"architecture_plans": nnunet_architecture_plans(spec), "pretrain_num_input_channels": 1,
             "pretrain_plan": {"configurations": {"onemmiso": {"patch_size": list(spec.input_shape)}}},
             **spec.transfer_keys()}
     torch.save({"network_weights": weights, "nnssl_adaptation_plan": plan}, tmp_path / "checkpoint_final.pth")

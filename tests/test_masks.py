@@ -20,8 +20,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nnssl.errors import NnsslError
-from nnssl.methods.masks import (InvalidMaskConfig, MaskBatch, MaskConfig, MaskSamplingError,
-                                 MultiBlockMaskSampler, flatten_coords, unflatten_index)
+from nnssl.methods.masks import (
+    InvalidMaskConfig,
+    MaskBatch,
+    MaskConfig,
+    MaskSamplingError,
+    MultiBlockMaskSampler,
+    flatten_coords,
+    unflatten_index,
+)
 
 QUIRKS = MaskConfig(reference_quirks=True)
 STRESS = MaskConfig(num_targets=6, target_scale=(0.3, 0.4), min_keep=40)  # forces D3 redraws on 8³

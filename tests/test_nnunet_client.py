@@ -38,11 +38,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from nnssl.export.adaptation_plan import adaptation_plan, citations
+from nnssl.checkpoints.format import save_checkpoint
+from nnssl.checkpoints.handshake import adaptation_plan, citations
 from nnssl.export.share import export
 from nnssl.methods.factory import build_method
 from nnssl.planning.plans import ConfigurationPlan, Plans
-from nnssl.training.checkpoint import save_checkpoint
 from nnssl.training.names import resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,7 +196,7 @@ def exports(tmp_path_factory) -> dict[str, Path]:
                     "nnssl_adaptation_plan": adaptation_plan(method.backbone, _plans(config.patch_size[0]),
                                                              "onemmiso", 1),
                     "nnssl_backbone": method.backbone.to_dict(), "trainer_name": trainer,
-                    "citations": citations(config.method, method.backbone), "training_config": config.to_dict(),
+                    "citations": citations(config.method, config.backbone), "training_config": config.to_dict(),
                     "step": 1, "epoch": 0})
                 folders[trainer] = export(folder / "run.pth", folder / "export").folder
                 del method, weights

@@ -8,8 +8,14 @@ import numpy as np
 import pytest
 
 from nnssl.data.imageio import read_image
-from nnssl.data.phantoms import (KEY_ORGAN_SHAPES, LABELS, PhantomConfig, make_phantom, volume_assignment,
-                                 write_phantom_collection)
+from nnssl.data.phantoms import (
+    KEY_ORGAN_SHAPES,
+    LABELS,
+    PhantomConfig,
+    make_phantom,
+    volume_assignment,
+    write_phantom_collection,
+)
 from nnssl.errors import InvalidInput, NnsslError
 from nnssl.io_utils import read_json
 

@@ -14,8 +14,13 @@ from einops import rearrange
 from nnssl.errors import InvalidInput, NnsslError
 from nnssl.methods.masks import MaskConfig, MultiBlockMaskSampler, unflatten_index
 from nnssl.models.predictor import JEPAPredictor
-from nnssl.models.primus import (PRIMUS_PRESETS, InvalidPrimusConfig, PrimusTokenEncoder, build_primus,
-                                 primus_arch_kwargs)
+from nnssl.models.primus import (
+    PRIMUS_PRESETS,
+    InvalidPrimusConfig,
+    PrimusTokenEncoder,
+    build_primus,
+    primus_arch_kwargs,
+)
 
 SHAPE = (16, 24, 32)  # non-cubic on purpose: grid (2, 3, 4) catches swapped axes
 

@@ -22,12 +22,17 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.modules.pooling import _AvgPoolNd
 
 from nnssl.errors import InvalidInput
-from nnssl.methods.ijepa import IJEPA
 from nnssl.methods.factory import build_method
+from nnssl.methods.ijepa import IJEPA
 from nnssl.methods.masks import unflatten_index
 from nnssl.models.resenc import build_resenc_l, resenc_l_arch_kwargs
-from nnssl.models.sparse_resenc import (InvalidResEncEncoder, ResEncTokenEncoder, cell_mask, masked_instance_norm,
-                                        upsample_cell_mask)
+from nnssl.models.sparse_resenc import (
+    InvalidResEncEncoder,
+    ResEncTokenEncoder,
+    cell_mask,
+    masked_instance_norm,
+    upsample_cell_mask,
+)
 from nnssl.training.names import UnknownTrainer, resolve_config
 
 PATCH = (64, 64, 64)  # 2³ cells

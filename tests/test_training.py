@@ -85,7 +85,7 @@ def test_continue_after_finish_does_nothing_and_resume_checks_the_trainer(roots)
     other = _fold(roots, TINY.replace("3it", "4it"))
     other.mkdir(parents=True)
     shutil.copy(_fold(roots, TINY) / "checkpoint_latest.pth", other / "checkpoint_latest.pth")
-    from nnssl.training.checkpoint import CheckpointError
+    from nnssl.checkpoints.format import CheckpointError
 
     with pytest.raises(CheckpointError, match="trainer"):
         _train(TINY.replace("3it", "4it"), continue_training=True)

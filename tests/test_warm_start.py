@@ -9,13 +9,13 @@ import logging
 import pytest
 import torch
 
-from nnssl.export.adaptation_plan import adaptation_plan
+from nnssl.checkpoints.format import CheckpointError
+from nnssl.checkpoints.handshake import adaptation_plan
 from nnssl.methods.factory import build_method
 from nnssl.models.primus import build_primus
 from nnssl.models.resenc import build_resenc_l
-from nnssl.training.checkpoint import CheckpointError
 from nnssl.training.names import resolve_config
-from nnssl.training.state import load_pretrained_weights
+from nnssl.training.warm_start import load_pretrained_weights
 from test_export_handshake import _plans
 
 

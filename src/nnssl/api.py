@@ -127,7 +127,7 @@ class Pretrainer:
         return self.method
 
     def _plan(self) -> dict[str, Any]:
-        from nnssl.export.adaptation_plan import adaptation_plan
+        from nnssl.checkpoints.handshake import adaptation_plan
 
         assert self.config.patch_size is not None and self.config.batch_size is not None
         plans = in_memory_plans(self.config.patch_size, self.config.batch_size, self.spacing)
@@ -135,22 +135,22 @@ class Pretrainer:
 
     def checkpoint(self) -> dict[str, Any]:
         """The checkpoint `nnssl_train` would write at the end, without resume state."""
-        from nnssl.export.adaptation_plan import check_downstream_keys, citations
+        from nnssl.checkpoints.handshake import check_downstream_keys, citations
 
         method = self._fitted()
         weights = method.export_encoder_state_dict()
         check_downstream_keys(weights, method.backbone)
         return {"network_weights": weights, "nnssl_adaptation_plan": self._plan(),
                 "nnssl_backbone": method.backbone.to_dict(), "trainer_name": self.config.trainer_name,
-                "citations": citations(self.config.method, method.backbone), "training_config": self.config.to_dict(),
+                "citations": citations(self.config.method, self.config.backbone), "training_config": self.config.to_dict(),
                 "step": self.steps, "epoch": 1,
                 "data_summary": {"dataset": "in-memory volumes (nnssl.api.Pretrainer)",
                                  "normalization_per_modality": {"any": {"scheme": "ZScoreNormalization"}}}}
 
     def export(self, folder: str | Path, safetensors: bool = False) -> Path:
         """The `nnssl_export` folder (nnU-Net-ready checkpoint, adaptation plan, config, model card)."""
+        from nnssl.checkpoints.format import save_checkpoint
         from nnssl.export.share import export
-        from nnssl.training.checkpoint import save_checkpoint
 
         folder = Path(folder)
         if folder.exists() and not folder.is_dir():

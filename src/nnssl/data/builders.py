@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from nnssl import paths
-from nnssl.data.collection import (AssociatedMasks, Collection, DatasetEntry, ImageEntry, Session, Subject,
-                                   portable_path)
+from nnssl.data.collection import AssociatedMasks, Collection, DatasetEntry, ImageEntry, Session, Subject, portable_path
 from nnssl.data.imageio import SUPPORTED_EXTENSIONS, has_supported_extension, image_stem
 from nnssl.errors import InvalidInput, NnsslError
 from nnssl.io_utils import read_json

@@ -20,13 +20,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from nnssl.data.collection_validate import (non_finite_locations, parse_collection, raise_problems,
-                                            semantic_problems)
-from nnssl.data.entries import (IMAGE_ID_SEPARATOR, NO_MODALITY, AssociatedMasks, DatasetEntry, FlatImage,  # noqa: F401
-                                ImageEntry, Problem, Session, Subject, emit_fields, make_image_id, portable_path,
-                                resolve_path, split_variable)
+from nnssl.data.collection_validate import non_finite_locations, parse_collection, raise_problems, semantic_problems
+from nnssl.data.entries import (  # noqa: F401
+    IMAGE_ID_SEPARATOR,
+    NO_MODALITY,
+    AssociatedMasks,
+    DatasetEntry,
+    FlatImage,
+    ImageEntry,
+    Problem,
+    Session,
+    Subject,
+    emit_fields,
+    make_image_id,
+    portable_path,
+    resolve_path,
+    split_variable,
+)
 from nnssl.errors import InvalidInput, NnsslError
 from nnssl.io_utils import write_json
+
 
 @dataclass
 class Collection:

@@ -14,8 +14,17 @@ import os
 import stat
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from nnssl.data.entries import (AssociatedMasks, DatasetEntry, ImageEntry, Problem, Session, Subject, make_image_id,
-                                resolve_path, split_variable)
+from nnssl.data.entries import (
+    AssociatedMasks,
+    DatasetEntry,
+    ImageEntry,
+    Problem,
+    Session,
+    Subject,
+    make_image_id,
+    resolve_path,
+    split_variable,
+)
 from nnssl.errors import InvalidInput
 
 if TYPE_CHECKING:

@@ -14,11 +14,21 @@ from typing import Sequence
 import numpy as np
 
 from nnssl.dataloading.augment import (
-    AugmentConfig, PatchWarp, augment_intensity, mirror, sample_spatial,
+    AugmentConfig,
+    PatchWarp,
+    augment_intensity,
+    mirror,
+    sample_spatial,
 )
 from nnssl.dataloading.dataset import CaseRecord
 from nnssl.dataloading.patches import (
-    CaseReadError, ForegroundIndex, OpenCase, foreground_start, open_case, random_start, read_case_region,
+    CaseReadError,
+    ForegroundIndex,
+    OpenCase,
+    foreground_start,
+    open_case,
+    random_start,
+    read_case_region,
 )
 
 Triple = tuple[int, int, int]

@@ -22,14 +22,17 @@ def _table(rows: list[tuple[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _family(arch: str) -> str:
-    return "resenc" if "ResEnc" in arch or "ResidualEncoder" in arch else "primus"
+def _family(arch: str) -> str | None:
+    """A hub tag for the architecture family nnU-Net builds (None: no family tag)."""
+    if "ResEnc" in arch or "ResidualEncoder" in arch:
+        return "resenc"
+    return "primus" if arch.startswith("Primus") or arch.endswith(".Primus") else None
 
 
 def front_matter(method: str, arch: str) -> str:
     """Hub metadata: license, library, tags (method, family, architecture), base architecture."""
-    tags = ["medical", "3d", "self-supervised", "nnssl", "nnunet", method.lower().replace("-", ""), _family(arch),
-            arch.rsplit(".", 1)[-1]]
+    tags = [t for t in ("medical", "3d", "self-supervised", "nnssl", "nnunet", method.lower().replace("-", ""),
+                        _family(arch), arch.rsplit(".", 1)[-1]) if t]
     return "\n".join(["---", "license: cc-by-4.0", "library_name: nnssl", "pipeline_tag: image-feature-extraction",
                       f"base_architecture: {arch.rsplit('.', 1)[-1]}", "tags:", *[f"- {t}" for t in tags], "---"])
 
@@ -103,6 +106,39 @@ def _publish_section(folder: str, name: str, plan: dict[str, Any]) -> str:
     ])
 
 
+# the settings shown on the card (all of them are in config.json), by section
+_CARD_SETTINGS = ("trainer_name", "method", "backbone", "patch_size", "batch_size", "grad_accumulation", "num_epochs",
+                  "iterations_per_epoch", "optim.peak_lr", "optim.start_weight_decay", "optim.final_weight_decay",
+                  "model.patch_embed_size", "model.drop_path_rate")
+_METHOD_SETTINGS = {
+    "IJEPATrainer": ("ijepa.ema_start", "ijepa.ema_end", "ijepa.predictor_width", "ijepa.predictor_depth",
+                     "ijepa.loss", "ijepa.target_layers", "ijepa.sigreg_weight", "ijepa.vicreg_variance_weight",
+                     "ijepa.vicreg_covariance_weight", "mask.num_targets", "mask.target_scale", "mask.context_scale"),
+    "MAETrainer": ("mae.mask_ratio", "mae.block_size", "mae.decoder_width", "mae.decoder_depth"),
+}
+
+
+def _method_entry(cfg: dict[str, Any], trainer_name: str | None) -> Any:
+    """The registry entry of the checkpoint's method (None for a checkpoint of an unknown one)."""
+    from nnssl.methods.registry import UnknownMethod, get_method
+
+    name = cfg.get("method") or str(trainer_name or "").split("_")[0]
+    try:
+        return get_method(name)
+    except UnknownMethod:
+        return None
+
+
+def hyperparameters(cfg: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(setting, value) rows of the card's table from a training configuration (nested sections
+    as dotted names; a configuration written before the sections existed shows what it has)."""
+    from nnssl.settings import flatten
+
+    flat = flatten(cfg)
+    keys = _CARD_SETTINGS + _METHOD_SETTINGS.get(str(cfg.get("method")), ())
+    return [(k, flat[k]) for k in keys if k in flat and flat[k] is not None]
+
+
 def model_card(data: dict[str, Any], folder: str) -> str:
     """README.md of an export written to the absolute path `folder` (its commands use it)."""
     plan = data["nnssl_adaptation_plan"]
@@ -110,13 +146,11 @@ def model_card(data: dict[str, Any], folder: str) -> str:
     cfg = data.get("training_config") or {}
     summary = data.get("data_summary") or {}
     metrics = data.get("final_metrics") or {}
-    method = "I-JEPA" if str(cfg.get("method", data.get("trainer_name") or "")).startswith("IJEPA") else "MAE"
+    method_entry = _method_entry(cfg, data.get("trainer_name"))
+    method = method_entry.display_name if method_entry is not None else "unknown method"
     configuration = next(iter(plan["pretrain_plan"]["configurations"]))
     spacing = plan["pretrain_plan"]["configurations"][configuration].get("spacing")
-    hyper = [(k, cfg[k]) for k in ("trainer_name", "backbone", "patch_size", "batch_size", "num_epochs",
-                                   "iterations_per_epoch", "peak_lr", "start_weight_decay", "final_weight_decay",
-                                   "ema_start", "ema_end", "predictor_width", "predictor_depth", "num_targets",
-                                   "target_scale", "context_scale", "loss", "mae_mask_ratio") if k in cfg]
+    hyper = hyperparameters(cfg)
     monitors = [(k, f"{metrics[k]:.4g}") for k in ("train_loss", "val_loss", "token_rankme", "pooled_rankme",
                                                   "target_std", "pred_std", "cos_within", "cos_across") if k in metrics]
     cites = "\n".join(f"- **{c['name']}** ({c['type']}): " + " ".join(c["apa_citations"])
@@ -129,7 +163,7 @@ def model_card(data: dict[str, Any], folder: str) -> str:
 # {data.get('trainer_name', 'nnssl encoder')} ({arch})
 
 A 3D encoder pretrained with **{method}** by nnssl. `checkpoint_final.pth` holds `network_weights`
-({'the EMA target encoder' if method == 'I-JEPA' else 'the encoder'}, keyed as the downstream network
+({method_entry.exports if method_entry is not None else 'the encoder'}, keyed as the downstream network
 names them) and `nnssl_adaptation_plan`; nnU-Net master fine-tunes it without conversion, and it loads
 with `torch.load(path, weights_only=True)`.
 
@@ -154,8 +188,9 @@ All settings are in `config.json`.
 ## Training curve and collapse monitors (last logged values)
 {_table(monitors) if monitors else 'not recorded'}
 
-Healthy I-JEPA runs keep `target_std` well above 0.05, token RankMe above 5% of the width and the
-cross-volume cosine below 0.95 (see nnssl's documentation, "collapse monitors").
+Healthy I-JEPA runs keep `target_std` well above 0.05 and token RankMe well above 20% of
+min(width, token rows); nnssl's documentation (ijepa_method.md, "Collapse monitors") explains the
+alarms.
 
 {_finetuning_section(plan, checkpoint, name)}
 

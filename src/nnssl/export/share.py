@@ -20,18 +20,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nnssl.checkpoints.format import HANDSHAKE_KEYS, load_checkpoint, save_checkpoint
 from nnssl.errors import NnsslError
 from nnssl.export.model_card import model_card
 from nnssl.export.nnunet import finetuning_commands, finetuning_support, pretraining_name
 from nnssl.io_utils import atomic_path, write_json
 from nnssl.log import get_logger
 from nnssl.models.backbone import BackboneSpec
-from nnssl.training.checkpoint import load_checkpoint, save_checkpoint
+from nnssl.models.registry import nnunet_architecture_plans
 
 logger = get_logger(__name__)
 
-SLIM_KEYS = ("network_weights", "nnssl_adaptation_plan", "nnssl_backbone", "trainer_name", "citations",
-             "training_config", "step", "epoch", "data_summary", "final_metrics")
 
 
 @dataclass
@@ -67,7 +66,7 @@ def export(source: str | Path, out: str | Path, include_method_state: bool = Fal
     data["nnssl_adaptation_plan"] = current_adaptation_plan(data, checkpoint)
     out = Path(out).resolve()  # the card's commands use it: nnU-Net stores -pc as given
     out.mkdir(parents=True, exist_ok=True)
-    slim = {k: data[k] for k in SLIM_KEYS if k in data}
+    slim = {k: data[k] for k in HANDSHAKE_KEYS if k in data}
     if include_method_state and "method_state" in data:
         slim["method_state"] = data["method_state"]  # student, teacher, predictor / decoder
     files = [save_checkpoint(out / "checkpoint_final.pth", slim)]
@@ -104,7 +103,7 @@ def current_adaptation_plan(data: dict[str, Any], source: Path) -> dict[str, Any
     described = data.get("nnssl_backbone")
     if described is None:
         return plan
-    current = BackboneSpec.from_dict(described).architecture_plans()
+    current = nnunet_architecture_plans(BackboneSpec.from_dict(described))
     if plan.get("architecture_plans") != current:
         logger.info("%s: architecture_plans rewritten in nnU-Net master's form (%s -> %s)", source,
                     (plan.get("architecture_plans") or {}).get("arch_class_name"), current["arch_class_name"])

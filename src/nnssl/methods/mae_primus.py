@@ -35,11 +35,10 @@ from torch import nn
 
 from nnssl.errors import InvalidInput
 from nnssl.methods.base import TRAIN_STREAM, MethodOutput, PretrainingMethod, parameter_groups_by_part
-from nnssl.methods.mae import (RandomMasks, RandomMaskSampler, check_anonymization_mask,
-                               masked_mse)
+from nnssl.methods.mae import RandomMasks, RandomMaskSampler, check_anonymization_mask, masked_mse
+from nnssl.methods.registry import register_builder
 from nnssl.models.backbone import BackboneSpec
 from nnssl.models.predictor import sincos_pos_embed_3d
-from nnssl.methods.registry import register_builder
 from nnssl.models.primus import PrimusTokenEncoder
 
 if TYPE_CHECKING:

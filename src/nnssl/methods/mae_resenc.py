@@ -25,10 +25,9 @@ from torch import nn
 
 from nnssl.errors import InvalidInput
 from nnssl.methods.base import TRAIN_STREAM, MethodOutput, PretrainingMethod, parameter_groups_by_part
-from nnssl.methods.mae import (RandomMasks, RandomMaskSampler, check_anonymization_mask, cpu_state_dict,
-                               masked_mse)
-from nnssl.models.backbone import BackboneSpec
+from nnssl.methods.mae import RandomMasks, RandomMaskSampler, check_anonymization_mask, cpu_state_dict, masked_mse
 from nnssl.methods.registry import register_builder
+from nnssl.models.backbone import BackboneSpec
 from nnssl.models.resenc import RESENC_L_STRIDE
 
 if TYPE_CHECKING:

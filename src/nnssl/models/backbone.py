@@ -17,8 +17,6 @@ from torch import nn
 
 from nnssl.errors import InvalidInput
 
-PRIMUS_CLASS_PATH = "dynamic_network_architectures.architectures.primus.Primus"
-
 
 def class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
@@ -67,8 +65,9 @@ class BackboneSpec:
     `network_class` and `arch_kwargs` (the complete constructor arguments, plain types) rebuild
     the network exactly (`build()`; saved as the checkpoint's `nnssl_backbone`).
     `arch_class_name` is the name nnU-Net builds it by (`PrimusS/B/M/L`, `ResEncL`, `PrimusX`
-    for other Primus sizes such as `Tiny`, or a U-Net class path), and `architecture_plans()`
-    the adaptation plan's description of it, in nnU-Net master's form.
+    for other Primus sizes such as `Tiny`, or a U-Net class path);
+    `nnssl.models.registry.nnunet_architecture_plans(spec)` is the adaptation plan's description
+    of it, in nnU-Net master's form.
     """
 
     arch_class_name: str
@@ -113,21 +112,11 @@ class BackboneSpec:
                 kwargs[key] = tuple(kwargs[key])
         return import_class(self.network_class)(**kwargs)
 
-    def architecture_plans(self) -> dict[str, Any]:
-        """`architecture_plans` of the adaptation plan: what nnU-Net master's fine-tuning builds
-        into this network (a preset name with `arch_kwargs: null`, `PrimusX` kwargs, or a U-Net
-        class path without the kwargs nnU-Net passes itself), not our constructor kwargs; those
-        stay in `to_dict()` (the checkpoint's `nnssl_backbone`). Computed from `network_class`
-        and `arch_kwargs`, so a spec read from an older checkpoint gets today's form too."""
-        if self.network_class == PRIMUS_CLASS_PATH:
-            from nnssl.models.primus import nnunet_primus_architecture
-
-            return nnunet_primus_architecture(self.arch_kwargs)
-        if self.network_class.endswith(".ResidualEncoderUNet"):
-            from nnssl.models.resenc import nnunet_resenc_architecture
-
-            return nnunet_resenc_architecture(importable_arch_kwargs(self.arch_kwargs,
-                                                                     self.arch_kwargs_requiring_import))
+    def class_path_architecture(self) -> dict[str, Any]:
+        """`architecture_plans` in nnU-Net's generic form: the class path and its constructor
+        kwargs minus the ones nnU-Net passes itself (`get_network_from_plans` sets the input
+        channels, classes and deep supervision). Families nnU-Net builds by name (Primus, ResEnc)
+        have their own form: `nnssl.models.registry.nnunet_architecture_plans` chooses."""
         passed_by_nnunet = (self.channels_kwarg, self.classes_kwarg, "deep_supervision")
         return {"arch_class_name": self.network_class,
                 "arch_kwargs": {k: v for k, v in self.arch_kwargs.items() if k not in passed_by_nnunet},

@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nnssl.errors import InvalidInput
-from nnssl.models.backbone import BackboneSpec
+from nnssl.models.backbone import BackboneSpec, class_path
 from nnssl.models.registry import BackboneEntry, BackboneFamily, ModelSettings, register_backbone, register_family
 
 # embed_dim / eva_depth / eva_numheads. S/B/M/L are dynamic-network-architectures' presets (the
@@ -261,6 +261,17 @@ class PrimusTokenEncoder(nn.Module):
                 for k, v in self.primus.state_dict().items() if self._is_encoder_key(k)}
 
 
+def interpolate_position_embedding(weight: torch.Tensor, grid_from: tuple[int, ...], grid_to: tuple[int, ...]
+                                   ) -> torch.Tensor:
+    """[1, N, E] learned positions on `grid_from` -> [1, N', E] on `grid_to`, trilinear in
+    Primus token order (C-order over the grid): what nnU-Net does to `eva.pos_embed` when the
+    downstream patch size differs, and what a warm start at another patch size needs."""
+    e = weight.shape[-1]
+    volume = weight.reshape(1, *grid_from, e).permute(0, 4, 1, 2, 3)
+    resized = F.interpolate(volume, size=tuple(grid_to), mode="trilinear", align_corners=False)
+    return resized.permute(0, 2, 3, 4, 1).reshape(1, math.prod(grid_to), e)
+
+
 # The Primus settings nnU-Net's fine-tuning builders never pass, so the downstream network takes
 # Primus's own defaults for them: an encoder trained otherwise would not load (register tokens,
 # MLP width, position embeddings) or would compute something else (no RoPE). Read from the
@@ -373,7 +384,8 @@ def _builder(preset: str):
 register_family(BackboneFamily(
     name="primus", display_name="Primus (3D ViT: 8³ patch embedding, Eva blocks with RoPE)",
     citation=PRIMUS_CITATION, token_encoder=lambda network, input_shape: PrimusTokenEncoder(network),
-    cell_size=_cell_size, problems=_problems))
+    cell_size=_cell_size, problems=_problems, network_class=class_path(Primus),
+    nnunet_architecture=lambda spec: nnunet_primus_architecture(spec.arch_kwargs)))
 for _preset in ("S", "B", "M", "L"):
     _c = PRIMUS_PRESETS[_preset]
     register_backbone(BackboneEntry(

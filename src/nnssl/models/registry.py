@@ -78,7 +78,8 @@ class BackboneFamily:
     `cell_size(settings)` is the voxels per token cell (Primus: the patch embedding; ResEnc: the
     encoder's total stride), so crops must be multiples of it; `problems(settings, patch_size)`
     lists what this family cannot build; `defaults` are dotted training-config overrides for
-    every backbone of the family.
+    every backbone of the family; `nnunet_architecture(spec)` is the adaptation plan's
+    `architecture_plans` for a network of the family (`nnunet_architecture_plans`).
     """
 
     name: str
@@ -88,6 +89,10 @@ class BackboneFamily:
     cell_size: Callable[[ModelSettings], Shape]
     problems: Callable[[ModelSettings, Shape], list[str]]
     defaults: Mapping[str, Any] = field(default_factory=dict)  # dotted overrides for every size
+    # the import path of the family's network class, and how nnU-Net master builds such a network
+    # (`architecture_plans` of the adaptation plan); None: nnU-Net's generic class-path form
+    network_class: str = ""
+    nnunet_architecture: Callable[[BackboneSpec], dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -168,3 +173,14 @@ def list_backbones() -> list[BackboneEntry]:
 def list_families() -> list[BackboneFamily]:
     _load_builtins()
     return list(_FAMILIES.values())
+
+
+def nnunet_architecture_plans(spec: BackboneSpec) -> dict[str, Any]:
+    """`architecture_plans` of the adaptation plan: what nnU-Net master's fine-tuning builds into
+    the network of `spec`. The family whose network class it is decides (a preset name with
+    `arch_kwargs: null`, `PrimusX` kwargs, ...); otherwise nnU-Net's generic class-path form.
+    Computed from the spec, so re-exporting an older checkpoint gives today's form."""
+    family = next((f for f in list_families() if f.network_class == spec.network_class), None)
+    if family is not None and family.nnunet_architecture is not None:
+        return family.nnunet_architecture(spec)
+    return spec.class_path_architecture()

@@ -13,7 +13,7 @@ from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
 from torch import nn
 
 from nnssl.errors import InvalidInput
-from nnssl.models.backbone import BackboneSpec, plain_arch_kwargs
+from nnssl.models.backbone import BackboneSpec, importable_arch_kwargs, plain_arch_kwargs
 from nnssl.models.registry import BackboneEntry, BackboneFamily, ModelSettings, register_backbone, register_family
 from nnssl.models.sparse_resenc import ResEncTokenEncoder
 
@@ -129,7 +129,9 @@ def _builder(preset: str):
 register_family(BackboneFamily(
     name="resenc", display_name="Residual-encoder U-Net (3D CNN, nnU-Net's ResEnc presets)",
     citation=RESENC_CITATION, token_encoder=lambda network, input_shape: ResEncTokenEncoder(network, input_shape),
-    cell_size=lambda settings: (RESENC_L_STRIDE,) * 3, problems=_problems,
+    cell_size=lambda settings: (RESENC_L_STRIDE,) * 3, problems=_problems, network_class=RESENC_CLASS_PATH,
+    nnunet_architecture=lambda spec: nnunet_resenc_architecture(
+        importable_arch_kwargs(spec.arch_kwargs, spec.arch_kwargs_requiring_import)),
     # the bottleneck grid is small (5³ cells at 160³, 2³ at 64³): boxes of a few cells, a small context floor
     defaults={"mask.min_keep": 4}))
 register_backbone(BackboneEntry(

@@ -16,16 +16,17 @@ import os
 import time
 from pathlib import Path
 
+from nnssl.errors import NnsslError
 from nnssl.io_utils import write_json
 from nnssl.log import add_log_file, get_logger, setup_logging
-from nnssl.errors import NnsslError
 from nnssl.training import distributed
 from nnssl.training.cluster import RunLock, slurm_environment
 from nnssl.training.config import TrainingConfig
-from nnssl.training.loop import TrainOutcome, Trainer
+from nnssl.training.loop import Trainer, TrainOutcome
 from nnssl.training.options import RunOptions
 from nnssl.training.setup import RunContext, build_context
-from nnssl.training.state import TrainState, load_pretrained_weights, resume_state
+from nnssl.training.state import TrainState, resume_state
+from nnssl.training.warm_start import load_pretrained_weights
 
 logger = get_logger(__name__)
 
@@ -88,7 +89,7 @@ def _train_rank(options: RunOptions, config: TrainingConfig) -> TrainOutcome:
 
 def _initial_state(ctx: RunContext) -> TrainState | None:
     """Fresh, warm-started or resumed state; writes the run's JSON files on rank 0."""
-    from nnssl.export.adaptation_plan import adaptation_plan
+    from nnssl.checkpoints.handshake import adaptation_plan
     from nnssl.training.logs import TrainingLog
 
     out = ctx.output_folder

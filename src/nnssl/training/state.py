@@ -1,8 +1,8 @@
 """The mutable state of a run and its round trip through checkpoints.
 
 `save_training_checkpoint` writes what `resume_state` needs for an exact continuation plus the
-downstream handshake keys; `load_pretrained_weights` warm-starts a fresh run's encoder from an
-exported checkpoint (`-pretrained_weights`).
+downstream handshake keys. The warm start from another checkpoint (`-pretrained_weights`) is
+`training/warm_start.py`.
 """
 
 from __future__ import annotations
@@ -11,14 +11,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-
-from nnssl.export.adaptation_plan import adaptation_plan, check_downstream_keys, citations
+from nnssl.checkpoints.format import (
+    CheckpointError,
+    capture_rng_state,
+    load_checkpoint,
+    require_resume_state,
+    restore_rng_state,
+    save_checkpoint,
+)
+from nnssl.checkpoints.handshake import adaptation_plan, check_downstream_keys, citations
 from nnssl.log import get_logger
 from nnssl.settings import differences
-from nnssl.training.checkpoint import (CheckpointError, capture_rng_state, load_checkpoint, require_resume_state,
-                                       restore_rng_state, save_checkpoint)
 from nnssl.training.logs import TrainingLog  # noqa: F401  (TrainState.log)
 
 logger = get_logger(__name__)
@@ -44,7 +47,7 @@ def checkpoint_payload(trainer: Any, slim: bool = False) -> dict[str, Any]:
         "nnssl_adaptation_plan": adaptation_plan(method.backbone, ctx.data.plans, ctx.options.configuration, 1),
         "nnssl_backbone": method.backbone.to_dict(),
         "trainer_name": ctx.config.trainer_name,
-        "citations": citations(ctx.config.method, method.backbone),
+        "citations": citations(ctx.config.method, ctx.config.backbone),
         "training_config": ctx.config.to_dict(),
         "step": int(trainer.state.step),
         "epoch": int(trainer.state.step // ctx.config.iterations_per_epoch),
@@ -116,100 +119,3 @@ def resume_state(trainer_ctx: Any, path: Path) -> tuple[TrainState, dict[str, li
                        tracker_state=data.get("collapse_tracker") or {},
                        grad_scaler_state=data.get("grad_scaler_state") or {})
     return state, data.get("history") or {}
-
-
-def _interpolate_positions(weight: torch.Tensor, target_shape: torch.Size, grid_from: tuple[int, ...],
-                           grid_to: tuple[int, ...]) -> torch.Tensor:
-    """[1, N, E] learned positions on `grid_from` -> `grid_to`, trilinear in Primus token order
-    (what nnU-Net does when the downstream patch size differs)."""
-    e = weight.shape[-1]
-    volume = weight.reshape(1, *grid_from, e).permute(0, 4, 1, 2, 3)
-    resized = F.interpolate(volume, size=grid_to, mode="trilinear", align_corners=False)
-    return resized.permute(0, 2, 3, 4, 1).reshape(target_shape)
-
-
-def _under(key: str, prefix: str) -> bool:
-    return key == prefix or key.startswith(prefix + ".")
-
-
-def select_encoder_weights(data: dict[str, Any], path: Path, default_keys: tuple[str, str]
-                           ) -> tuple[dict[str, torch.Tensor], list[str], tuple[str, str]]:
-    """(encoder + stem tensors, names of the ignored rest, the two prefixes used) of a
-    checkpoint's `network_weights`,
-    selected by its adaptation plan's `key_to_encoder` / `key_to_stem` (`default_keys` for a
-    checkpoint without a plan). A reference nnssl checkpoint also holds its decoder
-    (`up_projection.*`, `decoder.*`) and `mask_token` there; nnU-Net ignores those, so do we."""
-    weights = data.get("network_weights")
-    if not isinstance(weights, dict) or not weights:
-        raise CheckpointError(f"{path} has no network_weights; pass a checkpoint written by nnssl_train or "
-                              "nnssl_export, or a reference nnssl checkpoint")
-    plan = data.get("nnssl_adaptation_plan") or {}
-    prefixes = (plan.get("key_to_encoder") or default_keys[0], plan.get("key_to_stem") or default_keys[1])
-    selected = {k: v for k, v in weights.items() if any(_under(k, p) for p in prefixes)}
-    if not selected:
-        raise CheckpointError(f"{path}: no network_weights under the encoder / stem keys {list(prefixes)} (it "
-                              f"holds e.g. {sorted(weights)[:3]}); the checkpoint is for another backbone")
-    return selected, sorted(set(weights) - set(selected)), prefixes
-
-
-def _summary(keys: list[str], limit: int = 6) -> str:
-    """'up_projection (4), mask_token (1)': ignored keys grouped by their first component."""
-    groups: dict[str, int] = {}
-    for k in keys:
-        groups[k.split(".", 1)[0]] = groups.get(k.split(".", 1)[0], 0) + 1
-    shown = [f"{g} ({n})" for g, n in list(groups.items())[:limit]]
-    return ", ".join(shown) + (f", ... ({len(groups) - limit} more groups)" if len(groups) > limit else "")
-
-
-def load_pretrained_weights(method: Any, path: Path) -> int:
-    """Warm-start the student (and teacher) encoder from a checkpoint's `network_weights`.
-
-    Accepts our checkpoints and exports and the reference nnssl's, whose `network_weights` is the
-    whole pretraining network: like nnU-Net's loader, only the tensors under the adaptation
-    plan's `key_to_encoder` / `key_to_stem` are used, and the rest (decoder, `mask_token`) is
-    reported in the log. They are keyed as the downstream network names them (`eva.*`,
-    `encoder.stages.*`) and matched to the method's own parameter names by suffix; the encoder
-    must be complete (a missing tensor means another backbone). A learned position embedding of
-    another grid is interpolated trilinearly. Returns the number of tensors loaded.
-    """
-    data = load_checkpoint(path)
-    backbone = method.backbone
-    weights, ignored, prefixes = select_encoder_weights(data, path, (backbone.key_to_encoder, backbone.key_to_stem))
-    expected = set(method.export_encoder_state_dict())  # this backbone's encoder, downstream names
-    absent = sorted(expected - set(weights))
-    if absent:
-        raise CheckpointError(f"{path}: {len(absent)} encoder tensors of this trainer's backbone are not in the "
-                              f"checkpoint (e.g. {absent[:3]}); it is for another backbone")
-    own = method.state_dict()
-    mapped: dict[str, torch.Tensor] = {}
-    missing = []
-    for key, value in weights.items():
-        targets = [k for k in own if k == key or k.endswith("." + key)]
-        if not targets:
-            missing.append(key)
-            continue
-        for target in targets:  # student and teacher copies
-            if own[target].shape != value.shape and key.endswith("pos_embed") and value.ndim == 3:
-                value = _resize_lpe(value, own[target].shape, path)
-            if own[target].shape != value.shape:
-                raise CheckpointError(f"{path}: {key} has shape {list(value.shape)}, this network's "
-                                      f"{target} has {list(own[target].shape)}; use the same backbone")
-            mapped[target] = value
-    if missing:
-        raise CheckpointError(f"{path}: {len(missing)} encoder tensors have no counterpart in this trainer's "
-                              f"network (e.g. {missing[:3]}); the checkpoint is for another backbone")
-    method.load_state_dict({**own, **mapped})
-    logger.info("loaded %d pretrained encoder tensors from %s", len(weights), path)
-    if ignored:
-        logger.info("ignored %d tensors of %s outside the encoder and stem (%s, %s): %s", len(ignored), path,
-                    *prefixes, _summary(ignored))
-    return len(weights)
-
-
-def _resize_lpe(value: torch.Tensor, shape: torch.Size, path: Path) -> torch.Tensor:
-    n_from, n_to = value.shape[1], shape[1]
-    side_from, side_to = round(n_from ** (1 / 3)), round(n_to ** (1 / 3))
-    if side_from ** 3 != n_from or side_to ** 3 != n_to:
-        raise CheckpointError(f"{path}: cannot interpolate a position embedding of {n_from} tokens to {n_to} "
-                              "(only cubic grids); train at the pretraining patch size")
-    return _interpolate_positions(value, shape, (side_from,) * 3, (side_to,) * 3)

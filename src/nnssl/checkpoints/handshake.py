@@ -2,7 +2,7 @@
 
 nnU-Net's pretrained fine-tuning (`nnUNetv2_preprocess_like_nnssl`, `nnUNetv2_train_pretrained`)
 reads `network_weights` and `nnssl_adaptation_plan` from a checkpoint loaded with
-`torch.load(path, weights_only=True)` and no `map_location` (CONTRACTS.md "Checkpoint"). So
+`torch.load(path, weights_only=True)` and no `map_location` (documentation/finetuning_nnunet.md). So
 everything here is plain Python (no numpy scalars, no tuples where JSON has lists) and every
 tensor is on the CPU.
 """
@@ -15,34 +15,9 @@ from typing import Any
 import torch
 
 from nnssl.models.backbone import BackboneSpec
+from nnssl.models.registry import nnunet_architecture_plans
 from nnssl.planning.plans import Plans
 
-IJEPA_CITATION = {
-    "type": "method", "name": "I-JEPA",
-    "apa_citations": ["Assran, M., Duval, Q., Misra, I., Bojanowski, P., Vincent, P., Rabbat, M., LeCun, Y., & "
-                      "Ballas, N. (2023). Self-Supervised Learning from Images with a Joint-Embedding Predictive "
-                      "Architecture. CVPR 2023. arXiv:2301.08243"],
-}
-MAE_CITATION = {
-    "type": "method", "name": "MAE",
-    "apa_citations": ["He, K., Chen, X., Xie, S., Li, Y., Dollar, P., & Girshick, R. (2022). Masked Autoencoders "
-                      "Are Scalable Vision Learners. CVPR 2022. arXiv:2111.06377",
-                      "Wald, T., Ulrich, C., Suprijadi, J., Ziegler, S., Nohel, M., Peretzke, R., Kohler, G., & "
-                      "Maier-Hein, K. H. (2025). An OpenMind for 3D medical vision self-supervised learning. "
-                      "arXiv:2412.17041"],
-}
-PRIMUS_CITATION = {
-    "type": "architecture", "name": "Primus",
-    "apa_citations": ["Wald, T., Roy, S., Isensee, F., Ulrich, C., Ziegler, S., Trofimova, D., Stock, R., "
-                      "Baumgartner, M., Kohler, G., & Maier-Hein, K. H. (2025). Primus: Enforcing Attention "
-                      "Usage for 3D Medical Image Segmentation. arXiv:2503.01835"],
-}
-RESENC_CITATION = {
-    "type": "architecture", "name": "ResEnc-L",
-    "apa_citations": ["Isensee, F., Wald, T., Ulrich, C., Baumgartner, M., Roy, S., Maier-Hein, K., & Jaeger, "
-                      "P. F. (2024). nnU-Net Revisited: A Call for Rigorous Validation in 3D Medical Image "
-                      "Segmentation. MICCAI 2024. arXiv:2404.09556"],
-}
 NNSSL_CITATION = {
     "type": "framework", "name": "nnssl",
     "apa_citations": ["Wald, T., Ulrich, C., et al. (2025). An OpenMind for 3D medical vision self-supervised "
@@ -50,11 +25,14 @@ NNSSL_CITATION = {
 }
 
 
-def citations(method: str, backbone: BackboneSpec) -> list[dict[str, Any]]:
-    """The papers a user of this checkpoint should cite, as `{type, name, apa_citations}`."""
-    method_citation = IJEPA_CITATION if method.startswith("IJEPA") else MAE_CITATION
-    arch = RESENC_CITATION if "ResidualEncoderUNet" in backbone.network_class else PRIMUS_CITATION
-    return [copy.deepcopy(c) for c in (method_citation, arch, NNSSL_CITATION)]
+def citations(method: str, backbone: str) -> list[dict[str, Any]]:
+    """The papers a user of this checkpoint should cite, as `{type, name, apa_citations}`: the
+    method's and the backbone family's (from the registries), and nnssl's."""
+    from nnssl.methods.registry import get_method
+    from nnssl.models.registry import get_backbone
+
+    return [copy.deepcopy(dict(c)) for c in (get_method(method).citation,
+                                            get_backbone(backbone).family_entry.citation, NNSSL_CITATION)]
 
 
 def pruned_plan(plans: Plans, configuration: str, patch_size: tuple[int, int, int]) -> dict[str, Any]:
@@ -69,10 +47,10 @@ def pruned_plan(plans: Plans, configuration: str, patch_size: tuple[int, int, in
 
 def adaptation_plan(backbone: BackboneSpec, plans: Plans, configuration: str, input_channels: int
                     ) -> dict[str, Any]:
-    """Every field of the nnssl adaptation plan (CONTRACTS.md), plain types only."""
+    """Every field of the nnssl adaptation plan nnU-Net reads, plain types only."""
     patch = [int(p) for p in backbone.input_shape]
     return to_plain({
-        "architecture_plans": backbone.architecture_plans(),
+        "architecture_plans": nnunet_architecture_plans(backbone),
         "pretrain_plan": pruned_plan(plans, configuration, backbone.input_shape),
         "pretrain_num_input_channels": int(input_channels),
         "recommended_downstream_patchsize": patch,

@@ -1,4 +1,4 @@
-"""Training checkpoints: everything for an exact resume, plus the downstream handshake keys.
+"""The checkpoint format, shared by training (resume) and export (sharing): one file, one reader.
 
 A checkpoint is one `torch.save`d dict of plain Python types and CPU tensors, so it loads with
 `torch.load(path, weights_only=True)` on a machine without a GPU (documentation/finetuning_nnunet.md):
@@ -25,14 +25,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from nnssl.errors import NnsslError
+from nnssl.errors import InvalidInput
 from nnssl.io_utils import atomic_path
 
 CHECKPOINT_FORMAT = "nnssl-checkpoint-1"
+# what nnU-Net's fine-tuning reads (`network_weights`, `nnssl_adaptation_plan`, `citations`) and
+# what describes the run; an exported (slim) checkpoint holds exactly these
+HANDSHAKE_KEYS = ("network_weights", "nnssl_adaptation_plan", "nnssl_backbone", "trainer_name", "citations",
+                  "training_config", "step", "epoch", "data_summary", "final_metrics")
+# what an exact resume needs besides them
+RESUME_KEYS = ("method_state", "optimizer_state", "step", "training_config")
 
 
-class CheckpointError(NnsslError):
-    """A checkpoint that cannot be read or does not fit the run."""
+class CheckpointError(InvalidInput):
+    """A checkpoint that cannot be read, is not an nnssl checkpoint, or does not fit the run."""
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -95,7 +101,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def require_resume_state(data: dict[str, Any], path: Path) -> None:
-    missing = [k for k in ("method_state", "optimizer_state", "step", "training_config") if k not in data]
+    missing = [k for k in RESUME_KEYS if k not in data]
     if missing:
         raise CheckpointError(f"{path} cannot resume training: it lacks {missing} (an exported, slim "
                               "checkpoint?). Use it with -pretrained_weights instead of --c")
