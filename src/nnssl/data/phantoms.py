@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from nnssl.data.paired_organs import CONTEXT_LABELS, PAIRED_LABELS, TWIN_LANDMARK_SIDE, TWIN_OTHER_SIDE, paired_layout
 from nnssl.errors import InvalidInput, NnsslError
 from nnssl.io_utils import atomic_path, read_json, write_json
 from nnssl.log import get_logger
@@ -65,6 +66,8 @@ class PhantomConfig:
     num_classes: int = 2  # 1..4 key-organ shapes
     key_organ_scale: float = 1.0  # key-organ radius factor (1.0: 6-7 mm at 48^3; 1.5 makes the class easier to see)
     seed: int = 0
+    # twin organs told apart only by context (nnssl.data.paired_organs); off keeps the default anatomy
+    paired_organs: bool = False
 
     def __post_init__(self) -> None:
         # Plain ints (numpy or argparse values are accepted) so the config can go into JSON.
@@ -94,7 +97,7 @@ class PhantomConfig:
             problems.append(f"key_organ_scale must be a number between 0.5 and 2.0, got {self.key_organ_scale!r}")
         if not _is_int(self.seed) or self.seed < 0:
             problems.append(f"seed must be an integer >= 0, got {self.seed!r}")
-        for name in ("anisotropic", "random_orientation", "anatomy_masks"):
+        for name in ("anisotropic", "random_orientation", "anatomy_masks", "paired_organs"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name} must be True or False, got {getattr(self, name)!r}")
         if problems:
@@ -102,6 +105,11 @@ class PhantomConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "shape": list(self.shape)}
+
+    @property
+    def labels(self) -> dict[int, str]:
+        """The label-map values this configuration writes, with their names."""
+        return {**LABELS, **PAIRED_LABELS} if self.paired_organs else dict(LABELS)
 
 
 def _is_int(value: Any) -> bool:
@@ -136,6 +144,15 @@ def volume_assignment(index: int, config: PhantomConfig) -> tuple[int, str]:
     else:
         kind = config.modality
     return class_label, kind
+
+
+def landmark_side(index: int, config: PhantomConfig) -> float:
+    """The landmark's side (+1 or -1 along x) of paired-organ volume `index`: dealt from the same
+    seeded ranks as the classes, alternating within each class (and modality), so a collection
+    holds both sides equally often and a twin's position says nothing about its label."""
+    rank = int(np.random.default_rng([config.seed]).permutation(config.num_volumes)[index])
+    period = config.num_classes * (2 if config.modality == "mixed" else 1)
+    return (1.0, -1.0)[(rank // period) % 2]
 
 
 # ------------------------------------------------------------------------------ geometry
@@ -248,24 +265,45 @@ def make_phantom(index: int, config: PhantomConfig) -> Phantom:
     tissue[body & (body_level > -rng.uniform(0.06, 0.1))] = values[_FAT]
 
     side = rng.choice([-1.0, 1.0])
+    # Every draw below happens in this order whatever the options, so the same subject keeps its
+    # anatomy, texture and noise with and without paired organs (they have a stream of their own).
     organ_a_center = np.array([side * rng.uniform(0.45, 0.55), rng.uniform(-0.1, 0.1), rng.uniform(-0.3, 0.3)])
     organ_a_axes = np.array([0.24, 0.32, 0.38]) * rng.uniform(0.85, 1.15, size=3)
     organ_b_center = np.array([-side * rng.uniform(0.4, 0.5), rng.uniform(0.2, 0.3), rng.uniform(-0.4, 0.4)])
-    structures = [
-        (3, _level(u, organ_a_center, organ_a_axes) < 1),
-        (4, _level(u, organ_a_center + rng.uniform(-0.05, 0.05, 3), organ_a_axes * rng.uniform(0.35, 0.5)) < 1),
-        (5, _level(u, organ_b_center, np.array([0.12, 0.12, 0.2]) * rng.uniform(0.85, 1.15, 3)) < 1),
-        (6, _level(u[:2], (rng.uniform(-0.05, 0.05), rng.uniform(0.44, 0.5)), (0.1, 0.09)) < 1),
-    ]
+    core_offset = rng.uniform(-0.05, 0.05, 3)
+    core_scale = rng.uniform(0.35, 0.5)
+    organ_b_axes = np.array([0.12, 0.12, 0.2]) * rng.uniform(0.85, 1.15, 3)
+    bone_center = (rng.uniform(-0.05, 0.05), rng.uniform(0.44, 0.5))
     key_center = np.array([rng.uniform(-0.12, 0.12), rng.uniform(-0.12, 0.08), rng.uniform(-0.2, 0.2)])
     key_shape = KEY_ORGAN_SHAPES[class_label]
-    # Painted last so its shape, the class signal, is never cut by another organ.
     radius = rng.uniform(0.24, 0.3) * config.key_organ_scale  # drawn before scaling: same stream at any scale
-    structures.append((2, _key_organ(u, key_shape, key_center, radius, rng)))
-    for label, mask in structures:
+    paired = None
+    if config.paired_organs:
+        side = landmark_side(index, config)
+        paired = paired_layout(np.random.default_rng([config.seed, 4, index]), side, kind)
+    if paired is not None:
+        organ_a_center, organ_a_axes = paired.organ_a_center, paired.organ_a_axes
+        organ_b_center, organ_b_axes = paired.organ_b_center, paired.organ_b_axes
+        key_center = paired.key_center
+    # (label, mask, tissue value), painted in order
+    structures = [
+        (3, _level(u, organ_a_center, organ_a_axes) < 1, values[3]),
+        (4, _level(u, organ_a_center + core_offset, organ_a_axes * core_scale) < 1, values[4]),
+        (5, _level(u, organ_b_center, organ_b_axes) < 1, values[5]),
+        (6, _level(u[:2], bone_center, (0.1, 0.09)) < 1, values[6]),
+    ]
+    if paired is not None:
+        structures += [
+            (TWIN_LANDMARK_SIDE, _level(u, paired.twin_landmark_side_center, paired.twin_axes) < 1,
+             paired.twin_value),
+            (TWIN_OTHER_SIDE, _level(u, paired.twin_other_side_center, paired.twin_axes) < 1, paired.twin_value),
+        ]
+    # Painted last so its shape, the class signal, is never cut by another organ.
+    structures.append((2, _key_organ(u, key_shape, key_center, radius, rng), values[2]))
+    for label, mask, value in structures:
         mask = np.broadcast_to(mask, grid.shape) & body
         labels[mask] = label
-        tissue[mask] = values[label]
+        tissue[mask] = value
 
     texture_amplitude = 25.0 if kind == "MR" else 12.0
     texture = _plane_waves(u, rng, 4, (3.0, 8.0)) * np.float32(texture_amplitude * rng.uniform(0.7, 1.3))
@@ -421,16 +459,19 @@ def write_phantom_collection(out_dir: Path, config: PhantomConfig, num_processes
     write_json(labels_dir / "dataset_description.json",
                {"Name": "nnssl phantom label maps", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
                 "GeneratedBy": generated_by})
-    _write_tsv(labels_dir / "dseg.tsv", ["index", "name"], [[k, v] for k, v in LABELS.items()])
+    _write_tsv(labels_dir / "dseg.tsv", ["index", "name"], [[k, v] for k, v in config.labels.items()])
     cases_json = out_dir / "cases.json"
-    write_json(cases_json, {
+    content: dict[str, Any] = {
         "num_classes": config.num_classes,
         "class_names": list(KEY_ORGAN_SHAPES[: config.num_classes]),
-        "labels": {str(k): v for k, v in LABELS.items()},
-        "cases": [{"case_id": c.case_id, "image": rel(c.image), "anatomy_mask": rel(c.anatomy_mask),
-                   "label_map": rel(c.label_map), "class_label": c.class_label, "modality": c.modality}
-                  for c in cases],
-    })
+        "labels": {str(k): v for k, v in config.labels.items()},
+    }
+    if config.paired_organs:  # the labels the dense context probe classifies (documentation/evaluation.md)
+        content["context_labels"] = list(CONTEXT_LABELS)
+    content["cases"] = [{"case_id": c.case_id, "image": rel(c.image), "anatomy_mask": rel(c.anatomy_mask),
+                         "label_map": rel(c.label_map), "class_label": c.class_label, "modality": c.modality}
+                        for c in cases]
+    write_json(cases_json, content)
     logger.debug("wrote %d phantoms to %s", len(cases), out_dir)
     return PhantomManifest(out_dir=out_dir, config=config, cases=cases, cases_json=cases_json,
                            participants_tsv=participants, dataset_description=out_dir / "dataset_description.json")
