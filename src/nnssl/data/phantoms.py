@@ -471,6 +471,10 @@ def write_phantom_collection(out_dir: Path, config: PhantomConfig, num_processes
     content["cases"] = [{"case_id": c.case_id, "image": rel(c.image), "anatomy_mask": rel(c.anatomy_mask),
                          "label_map": rel(c.label_map), "class_label": c.class_label, "modality": c.modality}
                         for c in cases]
+    if config.paired_organs:  # splits stratified by class and landmark side: no position bias to learn
+        for entry in content["cases"]:
+            side = landmark_side(int(entry["case_id"][4:]) - 1, config)
+            entry["stratum"] = entry["class_label"] + config.num_classes * (side < 0)
     write_json(cases_json, content)
     logger.debug("wrote %d phantoms to %s", len(cases), out_dir)
     return PhantomManifest(out_dir=out_dir, config=config, cases=cases, cases_json=cases_json,
