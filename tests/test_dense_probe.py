@@ -8,11 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_evaluate import write_primus_checkpoint
 
 from nnssl.cli.dataset import generate_phantoms_main
 from nnssl.cli.evaluate import main
 from nnssl.data.paired_organs import CONTEXT_LABELS
-from nnssl.data.phantoms import PhantomConfig, landmark_side, make_phantom, write_phantom_collection
+from nnssl.data.phantoms import (
+    PhantomConfig,
+    landmark_side,
+    make_phantom,
+    write_phantom_collection,
+)
 from nnssl.errors import InvalidInput
 from nnssl.evaluation.baselines import (
     CONTEXT_BASELINES,
@@ -24,7 +30,12 @@ from nnssl.evaluation.baselines import (
     position_features,
     token_baseline_features,
 )
-from nnssl.evaluation.labeled import InvalidLabeledSet, centre_crop_or_pad, load_labeled_set, token_labels
+from nnssl.evaluation.labeled import (
+    InvalidLabeledSet,
+    centre_crop_or_pad,
+    load_labeled_set,
+    token_labels,
+)
 from nnssl.evaluation.probe import ProbeConfig, case_splits, context_probe
 from nnssl.evaluation.protocol import (
     DENSE_PROBE,
@@ -37,9 +48,12 @@ from nnssl.evaluation.protocol import (
 from nnssl.export.features import PretrainedEncoder, readout_tokens
 from nnssl.io_utils import read_json, write_json
 from nnssl.models.primus import build_primus, primus_arch_kwargs, primus_backbone_spec
-from nnssl.models.resenc import build_resenc_l, resenc_backbone_spec, resenc_l_arch_kwargs
+from nnssl.models.resenc import (
+    build_resenc_l,
+    resenc_backbone_spec,
+    resenc_l_arch_kwargs,
+)
 from nnssl.preprocessing import steps
-from test_evaluate import write_primus_checkpoint
 
 
 def _paired(num_volumes: int, seed: int = 5, **kw) -> PhantomConfig:

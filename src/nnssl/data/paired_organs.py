@@ -1,16 +1,17 @@
 """Paired organs: a phantom layout whose dense labels need context, not a voxel's own intensity.
 
 The default phantoms' label maps (background, body, organs, bone) are almost a function of a
-voxel's own intensity: a per-voxel threshold or a random patch embedding separates them, so a
-token probe on them cannot tell whether an encoder learned anything about anatomy. Segmentation
+token's own voxels and position: a linear probe on exactly those scores above a random ViT's
+tokens (documentation/evaluation.md), so a token probe on them cannot tell whether an encoder
+learned anything about anatomy. Segmentation
 needs more: structures of the same tissue told apart by where they are relative to other
 anatomy (left vs right kidney, the lobe next to the liver, ...).
 
 With `PhantomConfig(paired_organs=True)` every phantom gets two **twin organs** of one tissue,
 mirror images of each other across the body's midline (same size, same shape, same depth, same
-height), posterior-lateral like kidneys. A **landmark** (organ 3, "organ_a" with its bright core
-4) sits anterior to one of them, on a side drawn at random per volume, and the second organ (5,
-smaller, another tissue) anterior to the other. The twins' labels say which one is on the
+height), posterior-lateral like kidneys. A **landmark** (organ 3, "organ_a" with its bright
+core 4) sits anterior to one of them, on a side that alternates over the collection, and the
+second organ (5, smaller, another tissue) anterior to the other. The twins' labels say which one is on the
 landmark's side:
 
 - 7 `twin_landmark_side`: the twin on the landmark's side,
@@ -19,14 +20,16 @@ landmark's side:
 Why this needs context, by construction:
 - both twins have the same tissue value, the same geometry (mirrored) and the same texture and
   noise statistics, so the intensities inside them have one distribution;
-- the landmark's side is a fair coin independent of everything else, so a twin's position
-  (left or right), its shape and its own voxels say nothing about its label: given a token's
-  own cell and its grid position, both labels are equally likely;
-- a 4 mm band of body tissue always separates the twins from the landmark and the second organ
-  in the anterior-posterior direction, so the 8³ mm cell of a twin token (the centre crop's
-  grid: cells at ±0.5..7.5 mm and ±8.5..15.5 mm) never holds landmark voxels;
-- the only cue is what lies one cell anterior: the landmark's tissue (280 with a 620 core in
-  MR, 55/110 HU in CT) or the second organ's (450 / 25 HU). An encoder that keeps its
+- the landmark's side alternates within each class (`phantoms.landmark_side`), independent of
+  everything else, and `cases.json` gives each case a split stratum (class x side), so in every
+  training half a twin's position (left or right), its shape and its own voxels say nothing
+  about its label;
+- at least 0.08 units (2 mm at 48³) of body separate the twins from the landmark and the second
+  organ in the anterior-posterior direction, so on the centre crop's 8³ grid (cells from
+  ±0.5 to ±7.5 mm and ±8.5 to ±15.5 mm around the centre) the cell of a twin token never holds
+  landmark voxels;
+- the only cue is what lies one or two cells anterior: the landmark's tissue (280 with a 620
+  core in MR, 55/110 HU in CT) or the second organ's (450 / 25 HU). An encoder that keeps its
   neighbourhood in a token's features solves it; one that keeps only the token's own voxels
   cannot.
 

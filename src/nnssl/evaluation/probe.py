@@ -40,11 +40,11 @@ import numpy as np
 import torch
 
 from nnssl.errors import InvalidInput
-# what the token and context probes read per token: the last depth, or every depth concatenated
-# (`nnssl.export.features.readout_tokens` defines them)
 from nnssl.export.features import TOKEN_READOUTS
 
-# what the volume probe reads: the final tokens' mean, or every depth's mean concatenated
+# what the token and context probes read per token (TOKEN_READOUTS): the last depth, or every
+# depth concatenated (`nnssl.export.features.readout_tokens` defines them).
+# What the volume probe reads: the final tokens' mean, or every depth's mean concatenated
 # (`PretrainedEncoder.layer_pooled`)
 POOLINGS = ("mean", "layers")
 
