@@ -263,7 +263,7 @@ def test_evaluate_reports_the_context_probe_and_baselines_at_both_readouts(tmp_p
         assert set(result["baselines"]["context_probe"]) == set(CONTEXT_BASELINES)
         assert set(result["baselines"]["token_probe"]) == set(TOKEN_BASELINES)
         assert result["baselines"]["context_probe"]["raw_cell_voxels"]["num_features"] == 512
-        assert result["baselines"]["token_probe"]["raw_cell_voxels_and_position"]["num_features"] == 512 + 12
+        assert result["baselines"]["token_probe"]["raw_cell_statistics_and_position"]["num_features"] == 9 + 12
         assert "context_probe_balanced_accuracy" in result["pretrained_minus_random"]
     printed = capsys.readouterr().out
     assert "context probe bal. acc. (layers)" in printed and "context probe baselines" in printed

@@ -95,11 +95,12 @@ def _context_positions(labels: np.ndarray, context_labels: tuple[int, ...], limi
 
 
 def extract(encoders: dict[str, Any], labeled: LabeledSet, prep: Preparation, probe: ProbeConfig,
-            batch_size: int = 4) -> Extracted:
-    """The one pass of the module docstring."""
+            batch_size: int = 4, token_baselines: tuple[str, ...] | None = None) -> Extracted:
+    """The one pass of the module docstring; `token_baselines` names the token probe's baselines
+    (default `baselines.TOKEN_BASELINES`)."""
     from tqdm import tqdm
 
-    from nnssl.evaluation.baselines import token_baseline_features
+    from nnssl.evaluation.baselines import TOKEN_BASELINES, token_baseline_features
     from nnssl.export.features import readout_tokens
 
     first = next(iter(encoders.values()))
@@ -131,7 +132,8 @@ def extract(encoders: dict[str, Any], labeled: LabeledSet, prep: Preparation, pr
                         ctx_labels.append(labels[context])
                         ctx_cases.append(np.full(len(context), start + i))
                     if probe.baselines:
-                        kept, ctx = token_baseline_features(volume, grid, out.probe_positions, context)
+                        kept, ctx = token_baseline_features(volume, grid, out.probe_positions, context,
+                                                            token_baselines or TOKEN_BASELINES)
                         for name, value in kept.items():
                             out.token_baselines.setdefault(name, []).append(value)
                         for name, value in ctx.items():
