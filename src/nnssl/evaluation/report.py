@@ -66,6 +66,9 @@ def plot_learning_curves(result: dict[str, Any], path: Path) -> None:
         chance = encoders["pretrained"][key]["chance_accuracy"] if metric == "accuracy" else None
         if chance is not None:
             ax.axhline(chance, color="grey", linestyle=":", label=f"majority class ({chance:.3f})")
+        balanced_chance = encoders["pretrained"][key].get("chance_balanced_accuracy")
+        if metric == "balanced_accuracy" and balanced_chance is not None:
+            ax.axhline(balanced_chance, color="grey", linestyle=":", label=f"chance ({balanced_chance:.3f})")
         for name, legend, style in BASELINE_LINES:
             line = result.get("baselines", {}).get(key, {}).get(name)
             if line is not None:
