@@ -101,7 +101,7 @@ def extract(encoders: dict[str, Any], labeled: LabeledSet, prep: Preparation, pr
     from tqdm import tqdm
 
     from nnssl.evaluation.baselines import TOKEN_BASELINES, token_baseline_features
-    from nnssl.export.features import readout_tokens
+    from nnssl.export.features import concat_layer_means, readout_tokens
 
     first = next(iter(encoders.values()))
     grid = probe_grid(first, probe.probe_cell)
@@ -140,11 +140,12 @@ def extract(encoders: dict[str, Any], labeled: LabeledSet, prep: Preparation, pr
                             out.context_baselines.setdefault(name, []).append(value)
             for name, encoder in encoders.items():
                 maps = encoder.layer_maps(volumes)
-                final = maps[-1].flatten(2).transpose(1, 2)  # [B, N, E] in token order
+                layers = [m.flatten(2).transpose(1, 2) for m in maps]  # [B, N_l, E_l] in token order
+                final = layers[-1]
                 feats = out.features[name]
                 feats.pooled.append(final.mean(1).cpu().numpy())
                 if probe.pooling == "layers":
-                    feats.readout.append(torch.cat([m.flatten(2).mean(2) for m in maps], 1).cpu().numpy())
+                    feats.readout.append(concat_layer_means(layers).cpu().numpy())
                 feats.tokens.append(final[:, index.to(final.device)].cpu().numpy())
                 if not labeled.has_label_maps:
                     continue
