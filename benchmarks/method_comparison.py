@@ -39,7 +39,8 @@ BATCH = 4
 def _prepare(folder: Path, num_volumes: int, eval_volumes: int, shape: int) -> Path:
     """Phantoms -> dataset -> preprocessed (Dataset900_Phantoms); a labeled set beside it."""
     from nnssl.data.builders import create_dataset
-    from nnssl.data.phantoms import PhantomConfig, write_phantom_collection
+    from nnssl.data.phantom_files import write_phantom_collection
+    from nnssl.data.phantoms import PhantomConfig
     from nnssl.preprocessing.runner import plan_and_preprocess
 
     for name in ("nnssl_raw", "nnssl_preprocessed", "nnssl_results"):
@@ -75,7 +76,6 @@ def _run(method: str, backbone: str, budget: float, labeled: Path, out: Path) ->
     patch = PATCH[backbone]
     probe_name = f"{method}_{backbone}_P{patch}_BS{BATCH}"
     from nnssl.training.budget import seconds_per_step
-
     from nnssl.training.names import resolve_config
 
     step_s = seconds_per_step(resolve_config(probe_name + "_1ep_1it"))

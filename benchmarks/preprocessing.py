@@ -68,7 +68,8 @@ def _derived_collection(collection, index: int, name: str, subjects: list[tuple[
 
 def _make_collections(work: Path, cases: int, fov: int, workers: int):
     from nnssl.data.builders import create_dataset
-    from nnssl.data.phantoms import PhantomConfig, write_phantom_collection
+    from nnssl.data.phantom_files import write_phantom_collection
+    from nnssl.data.phantoms import PhantomConfig
 
     bids = work / "nnssl_raw" / NAME / "bids"
     start = time.perf_counter()

@@ -53,7 +53,8 @@ def prepared(tmp_path_factory) -> Path:
     training, export and evaluation tests: raw data under nnssl_raw/, plans and blosc2 arrays
     under nnssl_preprocessed/."""
     from nnssl.data.builders import create_dataset
-    from nnssl.data.phantoms import PhantomConfig, write_phantom_collection
+    from nnssl.data.phantom_files import write_phantom_collection
+    from nnssl.data.phantoms import PhantomConfig
     from nnssl.preprocessing.runner import plan_and_preprocess
 
     folder = tmp_path_factory.mktemp("prepared")

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from nnssl.cli.evaluate import main
-from nnssl.data.phantoms import PhantomConfig, write_phantom_collection
+from nnssl.data.phantom_files import write_phantom_collection
+from nnssl.data.phantoms import PhantomConfig
 from nnssl.evaluation.labeled import (
     InvalidLabeledSet,
     Preparation,
@@ -327,7 +328,8 @@ def test_evaluate_help_lists_every_flag(capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--labeled", "-o", "-device", "-num_splits", "-test_fraction", "-C", "-fractions", "-token_label",
-                 "-max_tokens_per_case", "-pooling", "-seed", "-random_seed", "-batch_size", "--no_plot", "--verbose"):
+                 "-max_tokens_per_case", "-pooling", "-seed", "-random_seed", "-batch_size", "--no_plot", "--verbose",
+                 "-token_readout", "-probe_cell", "--no_baselines", "-protocol"):
         assert flag in text, flag
 
 

@@ -6,7 +6,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnssl.data.builders import create_dataset
-from nnssl.data.phantoms import PhantomConfig, write_phantom_collection
+from nnssl.data.phantom_files import write_phantom_collection
+from nnssl.data.phantoms import PhantomConfig
 from nnssl.planning.fingerprint import FingerprintConfig, extract_fingerprint
 
 

@@ -8,14 +8,9 @@ import numpy as np
 import pytest
 
 from nnssl.data.imageio import read_image
-from nnssl.data.phantoms import (
-    KEY_ORGAN_SHAPES,
-    LABELS,
-    PhantomConfig,
-    make_phantom,
-    volume_assignment,
-    write_phantom_collection,
-)
+from nnssl.data.paired_organs import CONTEXT_LABELS, TWIN_LANDMARK_SIDE, TWIN_OTHER_SIDE
+from nnssl.data.phantom_files import write_phantom_collection
+from nnssl.data.phantoms import KEY_ORGAN_SHAPES, LABELS, PhantomConfig, landmark_side, make_phantom, volume_assignment
 from nnssl.errors import InvalidInput, NnsslError
 from nnssl.io_utils import read_json
 
@@ -224,3 +219,96 @@ def test_rewrite_replaces_old_phantoms_and_refuses_foreign_folders(tmp_path):
     with pytest.raises(NnsslError, match="not empty"):
         write_phantom_collection(foreign, PhantomConfig(num_volumes=1, shape=(16, 16, 16)))
     assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+# ---------------------------------------------------------------------------- paired organs
+
+def _paired(num_volumes=8, shape=(48, 48, 48), modality="MR", **kw):
+    return PhantomConfig(num_volumes=num_volumes, shape=shape, modality=modality, anisotropic=False,
+                         random_orientation=False, paired_organs=True, **kw)
+
+
+def test_paired_organs_are_off_by_default_and_validated():
+    assert PhantomConfig().paired_organs is False and set(PhantomConfig().labels) == set(LABELS)
+    plain = make_phantom(0, PhantomConfig(num_volumes=2, shape=(32, 32, 32)))
+    assert not np.isin(plain.label_map, CONTEXT_LABELS).any()
+    assert set(_paired().labels) == set(LABELS) | set(CONTEXT_LABELS)
+    with pytest.raises(InvalidInput, match="paired_organs"):
+        PhantomConfig(paired_organs="yes")
+
+
+def test_paired_twins_mirror_each_other_and_the_landmark_marks_one_side():
+    config = _paired()
+    sides = []
+    for i in range(config.num_volumes):
+        p = make_phantom(i, config)
+        near, far = _physical_points(p, TWIN_LANDMARK_SIDE), _physical_points(p, TWIN_OTHER_SIDE)
+        # mirror images, up to what the body's uneven boundary or the key organ cuts off
+        assert abs(len(near) - len(far)) <= 0.1 * len(near)
+        assert np.allclose(near.mean(0) * [-1, 1, 1], far.mean(0), atol=0.6)
+        landmark, second = _physical_points(p, 3), _physical_points(p, 5)
+        side = np.sign(near.mean(0)[0])
+        assert np.sign(landmark.mean(0)[0]) == side and np.sign(second.mean(0)[0]) == -side
+        assert landmark.mean(0)[1] < near.mean(0)[1] - 8  # anterior to the twin (+y is posterior)
+        sides.append(side)
+        assert landmark_side(i, config) == side
+    assert sides.count(1.0) == sides.count(-1.0)  # balanced: a twin's position says nothing
+
+
+@pytest.mark.parametrize("modality", ["MR", "CT"])
+def test_twins_have_one_intensity_distribution(modality):
+    """Across a collection the two twin labels' intensities are indistinguishable (two-sample KS
+    distance), while the twins clearly differ from the landmark organ."""
+    from scipy.stats import ks_2samp
+
+    config = _paired(num_volumes=16, shape=(32, 32, 32), modality=modality)
+    values: dict[int, list[np.ndarray]] = {TWIN_LANDMARK_SIDE: [], TWIN_OTHER_SIDE: [], 3: []}
+    for i in range(config.num_volumes):
+        p = make_phantom(i, config)
+        body = p.image[p.label_map == 1]
+        z = (p.image - np.median(body)) / body.std()
+        for label in values:
+            values[label].append(z[p.label_map == label])
+    near, far, landmark = (np.concatenate(values[k]) for k in (TWIN_LANDMARK_SIDE, TWIN_OTHER_SIDE, 3))
+    assert ks_2samp(near, far).statistic < 0.05
+    assert ks_2samp(near, landmark).statistic > 0.5
+
+
+def test_twin_tokens_never_see_the_side_cues():
+    """In the centre 32³ crop of a 48³ phantom (the demo's encoder input), the 8³ cell of a twin
+    token holds no voxel of the landmark or the second organ: its own voxels cannot tell."""
+    from nnssl.evaluation.labeled import centre_crop_or_pad, token_labels
+
+    config = _paired(num_volumes=12)
+    twin_tokens = 0
+    for i in range(config.num_volumes):
+        label = centre_crop_or_pad(make_phantom(i, config).label_map[None], (32, 32, 32))[0]
+        tokens = token_labels(label, (4, 4, 4))
+        cells = label.reshape(4, 8, 4, 8, 4, 8).transpose(0, 2, 4, 1, 3, 5).reshape(64, -1)
+        twins = np.isin(tokens, CONTEXT_LABELS)
+        twin_tokens += twins.sum()
+        assert not np.isin(cells[twins], (3, 4, 5)).any()
+        assert {TWIN_LANDMARK_SIDE, TWIN_OTHER_SIDE} <= set(tokens.tolist())
+    assert twin_tokens >= 4 * config.num_volumes
+
+
+def test_paired_phantoms_are_deterministic_and_keep_the_subjects_body():
+    config = _paired(num_volumes=3, shape=(32, 32, 32))
+    a, b = make_phantom(1, config), make_phantom(1, config)
+    assert np.array_equal(a.image, b.image) and np.array_equal(a.label_map, b.label_map)
+    other = make_phantom(1, _paired(num_volumes=3, shape=(32, 32, 32), seed=1))
+    assert not np.array_equal(other.label_map, a.label_map)
+    plain = make_phantom(1, PhantomConfig(**{**config.to_dict(), "shape": (32, 32, 32), "paired_organs": False}))
+    assert np.array_equal(plain.label_map == 0, a.label_map == 0) and np.array_equal(plain.label_map == 6,
+                                                                                       a.label_map == 6)
+    assert plain.class_label == a.class_label
+
+
+def test_paired_collection_lists_its_context_labels(tmp_path):
+    manifest = write_phantom_collection(tmp_path / "paired", _paired(num_volumes=2, shape=(24, 24, 24)))
+    cases = read_json(manifest.cases_json)
+    assert cases["context_labels"] == list(CONTEXT_LABELS)
+    assert cases["labels"][str(TWIN_LANDMARK_SIDE)] == "twin_landmark_side"
+    assert "twin_other_side" in (tmp_path / "paired" / "derivatives" / "labels" / "dseg.tsv").read_text()
+    plain = write_phantom_collection(tmp_path / "plain", PhantomConfig(num_volumes=2, shape=(24, 24, 24)))
+    assert "context_labels" not in read_json(plain.cases_json)

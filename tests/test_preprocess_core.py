@@ -11,7 +11,8 @@ import SimpleITK as sitk
 from nnssl.cli.preprocess import plan_and_preprocess_main, preprocess_main
 from nnssl.data.builders import create_dataset
 from nnssl.data.imageio import write_image
-from nnssl.data.phantoms import PhantomConfig, write_phantom_collection
+from nnssl.data.phantom_files import write_phantom_collection
+from nnssl.data.phantoms import PhantomConfig
 from nnssl.dataloading import load_cases
 from nnssl.preprocessing import storage
 

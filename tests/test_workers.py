@@ -10,7 +10,8 @@ import pytest
 
 from nnssl import workers as pool
 from nnssl.data.builders import create_dataset
-from nnssl.data.phantoms import PhantomConfig, write_phantom_collection
+from nnssl.data.phantom_files import write_phantom_collection
+from nnssl.data.phantoms import PhantomConfig
 from nnssl.errors import NnsslError
 from nnssl.preprocessing.case import STAGES
 from nnssl.preprocessing.runner import plan_and_preprocess

@@ -188,7 +188,7 @@ def _data_stages(config: DemoConfig, result: DemoResult) -> Path:
     """Phantoms -> pretrain_data.json -> integrity check; returns the labeled phantom folder."""
     from nnssl.data.builders import create_dataset
     from nnssl.data.integrity import verify_collection
-    from nnssl.data.phantoms import write_phantom_collection
+    from nnssl.data.phantom_files import write_phantom_collection
 
     raw = result.roots[paths.RAW] / result.dataset
     phantom_dir, labeled_dir = raw / "bids", config.folder.resolve() / "labeled_phantoms"

@@ -73,6 +73,12 @@ def build_phantoms_parser() -> argparse.ArgumentParser:
                    help="number of key-organ shapes (1-4: sphere, cuboid, rod, pair) = class labels")
     p.add_argument("--key_organ_scale", type=float, default=1.0,
                    help="key-organ radius factor, 0.5-2 (1.5 makes the shape, the class, easier to see)")
+    p.add_argument("--paired_organs", action="store_true",
+                   help="add twin organs of one tissue told apart only by the side of a landmark organ (labels 7 "
+                        "and 8, listed as context_labels in cases.json): the dense context task of nnssl_evaluate")
+    p.add_argument("--protocol_set", choices=("search", "test"), default=None,
+                   help="write the dense-probe protocol's labeled set (fixed generator settings and seed, "
+                        "documentation/evaluation.md); the generator options may not be given with it")
     p.add_argument("--isotropic", action="store_true", help="1 mm isotropic spacing instead of random anisotropic")
     p.add_argument("--no_random_orientation", action="store_true",
                    help="identity direction matrix instead of a random axis permutation/flip")
@@ -91,15 +97,23 @@ def generate_phantoms_main(argv: Sequence[str] | None = None) -> int:
     parser = build_phantoms_parser()
 
     def body(args: argparse.Namespace) -> int:
-        from nnssl.data.phantoms import PhantomConfig, write_phantom_collection
+        from nnssl.data.phantom_files import write_phantom_collection
+        from nnssl.data.phantoms import PhantomConfig
         from nnssl.errors import NnsslError
 
         if (args.dataset_id is None) != (args.dataset_name is None):
             raise NnsslError("-d and --name go together: pass both to create the dataset, or neither")
-        config = PhantomConfig(num_volumes=args.num_volumes, shape=tuple(args.shape), modality=args.modality,
-                               anisotropic=not args.isotropic, random_orientation=not args.no_random_orientation,
-                               anatomy_masks=not args.no_anatomy_masks, num_classes=args.num_classes,
-                               key_organ_scale=args.key_organ_scale, seed=args.seed)
+        if args.protocol_set:
+            from dataclasses import replace
+
+            config = replace(_protocol_set(parser, args.protocol_set, argv), anatomy_masks=not args.no_anatomy_masks)
+        else:
+            config = PhantomConfig(num_volumes=args.num_volumes, shape=tuple(args.shape), modality=args.modality,
+                                   anisotropic=not args.isotropic,
+                                   random_orientation=not args.no_random_orientation,
+                                   anatomy_masks=not args.no_anatomy_masks, num_classes=args.num_classes,
+                                   key_organ_scale=args.key_organ_scale, seed=args.seed,
+                                   paired_organs=args.paired_organs)
         if args.dataset_id is not None:  # fail on a bad id/name or a missing nnssl_raw before the work
             from nnssl.paths import dataset_folder_name, nnssl_raw
 
@@ -119,6 +133,26 @@ def generate_phantoms_main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     return run_cli(parser, body, argv)
+
+
+# generator options a protocol set fixes
+_PROTOCOL_FIXED = ("num_volumes", "shape", "modality", "num_classes", "key_organ_scale", "paired_organs", "isotropic",
+                   "no_random_orientation", "seed")
+
+
+def _protocol_set(parser: argparse.ArgumentParser, which: str, argv: Sequence[str] | None):
+    import sys
+
+    from nnssl.errors import NnsslError
+    from nnssl.evaluation.protocol import protocol_set_config
+
+    tokens = {t.split("=", 1)[0] for t in (sys.argv[1:] if argv is None else argv)}
+    flags = {a.dest: a.option_strings for a in parser._actions}
+    given = [flags[d][0] for d in _PROTOCOL_FIXED if tokens & set(flags[d])]
+    if given:
+        raise NnsslError(f"--protocol_set {which} fixes {', '.join(given)}; drop them (the set's settings: "
+                         "documentation/evaluation.md)")
+    return protocol_set_config(which)
 
 
 if __name__ == "__main__":

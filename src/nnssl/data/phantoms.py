@@ -12,31 +12,32 @@ pair of spheres) at equal volume and equal intensity distribution, so global int
 statistics do not reveal it but a spatially aware feature extractor can. That is what lets a
 linear probe show that pretrained features beat random ones.
 
+With `paired_organs=True` (`nnssl.data.paired_organs`) the phantoms also hold twin organs of
+one tissue whose labels only context tells apart: the dense context task of evaluation.
+
 `PhantomConfig.shape` is the voxel grid at 1 mm isotropic spacing: the field of view is fixed
 at `shape` millimetres, and a volume sampled at another spacing gets `round(fov / spacing)`
 voxels per axis. `write_phantom_collection` writes them as a BIDS tree (images, anatomy masks,
-participants.tsv) with the label maps under derivatives/ and a cases.json for evaluation.
+participants.tsv) with the label maps under derivatives/ and a cases.json for evaluation
+(`nnssl.data.phantom_files.write_phantom_collection`).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import re
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
-from multiprocessing import get_all_start_methods, get_context
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
-from nnssl.errors import InvalidInput, NnsslError
-from nnssl.io_utils import atomic_path, read_json, write_json
-from nnssl.log import get_logger
-
-logger = get_logger(__name__)
+from nnssl.data.paired_organs import (
+    PAIRED_LABELS,
+    TWIN_LANDMARK_SIDE,
+    TWIN_OTHER_SIDE,
+    paired_layout,
+)
+from nnssl.errors import InvalidInput
 
 MODALITIES = ("MR", "CT", "mixed")
 MODALITY_SUFFIX = {"MR": "T1w", "CT": "ct"}  # BIDS suffix written into file names
@@ -65,13 +66,15 @@ class PhantomConfig:
     num_classes: int = 2  # 1..4 key-organ shapes
     key_organ_scale: float = 1.0  # key-organ radius factor (1.0: 6-7 mm at 48^3; 1.5 makes the class easier to see)
     seed: int = 0
+    # twin organs told apart only by context (nnssl.data.paired_organs); off keeps the default anatomy
+    paired_organs: bool = False
 
     def __post_init__(self) -> None:
         # Plain ints (numpy or argparse values are accepted) so the config can go into JSON.
-        if isinstance(self.shape, (list, tuple)) and all(_is_int(s) for s in self.shape):
+        if isinstance(self.shape, (list, tuple)) and all(is_int(s) for s in self.shape):
             object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
         for name in ("num_volumes", "num_classes", "seed"):
-            if _is_int(getattr(self, name)):
+            if is_int(getattr(self, name)):
                 object.__setattr__(self, name, int(getattr(self, name)))
         if isinstance(self.key_organ_scale, (int, float, np.floating)) and not isinstance(self.key_organ_scale, bool):
             object.__setattr__(self, "key_organ_scale", float(self.key_organ_scale))
@@ -80,21 +83,21 @@ class PhantomConfig:
     def validate(self) -> None:
         """Raise InvalidInput listing every bad value at once."""
         problems = []
-        if not _is_int(self.num_volumes) or self.num_volumes < 1:
+        if not is_int(self.num_volumes) or self.num_volumes < 1:
             problems.append(f"num_volumes must be an integer >= 1, got {self.num_volumes!r}")
         if (not isinstance(self.shape, tuple) or len(self.shape) != 3
-                or not all(_is_int(s) and s >= MIN_SIDE for s in self.shape)):
+                or not all(is_int(s) and s >= MIN_SIDE for s in self.shape)):
             problems.append(f"shape must be 3 integers >= {MIN_SIDE}, got {self.shape!r}")
         if self.modality not in MODALITIES:
             problems.append(f"modality must be one of {', '.join(MODALITIES)}, got {self.modality!r}")
-        if not _is_int(self.num_classes) or not 1 <= self.num_classes <= len(KEY_ORGAN_SHAPES):
+        if not is_int(self.num_classes) or not 1 <= self.num_classes <= len(KEY_ORGAN_SHAPES):
             problems.append(f"num_classes must be between 1 and {len(KEY_ORGAN_SHAPES)} (key organ "
                             f"shapes {', '.join(KEY_ORGAN_SHAPES)}), got {self.num_classes!r}")
         if not isinstance(self.key_organ_scale, (int, float)) or not 0.5 <= self.key_organ_scale <= 2.0:
             problems.append(f"key_organ_scale must be a number between 0.5 and 2.0, got {self.key_organ_scale!r}")
-        if not _is_int(self.seed) or self.seed < 0:
+        if not is_int(self.seed) or self.seed < 0:
             problems.append(f"seed must be an integer >= 0, got {self.seed!r}")
-        for name in ("anisotropic", "random_orientation", "anatomy_masks"):
+        for name in ("anisotropic", "random_orientation", "anatomy_masks", "paired_organs"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name} must be True or False, got {getattr(self, name)!r}")
         if problems:
@@ -103,8 +106,13 @@ class PhantomConfig:
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "shape": list(self.shape)}
 
+    @property
+    def labels(self) -> dict[int, str]:
+        """The label-map values this configuration writes, with their names."""
+        return {**LABELS, **PAIRED_LABELS} if self.paired_organs else dict(LABELS)
 
-def _is_int(value: Any) -> bool:
+
+def is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
@@ -136,6 +144,15 @@ def volume_assignment(index: int, config: PhantomConfig) -> tuple[int, str]:
     else:
         kind = config.modality
     return class_label, kind
+
+
+def landmark_side(index: int, config: PhantomConfig) -> float:
+    """The landmark's side (+1 or -1 along x) of paired-organ volume `index`: dealt from the same
+    seeded ranks as the classes, alternating within each class (and modality), so a collection
+    holds both sides equally often and a twin's position says nothing about its label."""
+    rank = int(np.random.default_rng([config.seed]).permutation(config.num_volumes)[index])
+    period = config.num_classes * (2 if config.modality == "mixed" else 1)
+    return (1.0, -1.0)[(rank // period) % 2]
 
 
 # ------------------------------------------------------------------------------ geometry
@@ -248,24 +265,45 @@ def make_phantom(index: int, config: PhantomConfig) -> Phantom:
     tissue[body & (body_level > -rng.uniform(0.06, 0.1))] = values[_FAT]
 
     side = rng.choice([-1.0, 1.0])
+    # Every draw below happens in this order whatever the options, so the same subject keeps its
+    # anatomy, texture and noise with and without paired organs (they have a stream of their own).
     organ_a_center = np.array([side * rng.uniform(0.45, 0.55), rng.uniform(-0.1, 0.1), rng.uniform(-0.3, 0.3)])
     organ_a_axes = np.array([0.24, 0.32, 0.38]) * rng.uniform(0.85, 1.15, size=3)
     organ_b_center = np.array([-side * rng.uniform(0.4, 0.5), rng.uniform(0.2, 0.3), rng.uniform(-0.4, 0.4)])
-    structures = [
-        (3, _level(u, organ_a_center, organ_a_axes) < 1),
-        (4, _level(u, organ_a_center + rng.uniform(-0.05, 0.05, 3), organ_a_axes * rng.uniform(0.35, 0.5)) < 1),
-        (5, _level(u, organ_b_center, np.array([0.12, 0.12, 0.2]) * rng.uniform(0.85, 1.15, 3)) < 1),
-        (6, _level(u[:2], (rng.uniform(-0.05, 0.05), rng.uniform(0.44, 0.5)), (0.1, 0.09)) < 1),
-    ]
+    core_offset = rng.uniform(-0.05, 0.05, 3)
+    core_scale = rng.uniform(0.35, 0.5)
+    organ_b_axes = np.array([0.12, 0.12, 0.2]) * rng.uniform(0.85, 1.15, 3)
+    bone_center = (rng.uniform(-0.05, 0.05), rng.uniform(0.44, 0.5))
     key_center = np.array([rng.uniform(-0.12, 0.12), rng.uniform(-0.12, 0.08), rng.uniform(-0.2, 0.2)])
     key_shape = KEY_ORGAN_SHAPES[class_label]
-    # Painted last so its shape, the class signal, is never cut by another organ.
     radius = rng.uniform(0.24, 0.3) * config.key_organ_scale  # drawn before scaling: same stream at any scale
-    structures.append((2, _key_organ(u, key_shape, key_center, radius, rng)))
-    for label, mask in structures:
+    paired = None
+    if config.paired_organs:
+        side = landmark_side(index, config)
+        paired = paired_layout(np.random.default_rng([config.seed, 4, index]), side, kind)
+    if paired is not None:
+        organ_a_center, organ_a_axes = paired.organ_a_center, paired.organ_a_axes
+        organ_b_center, organ_b_axes = paired.organ_b_center, paired.organ_b_axes
+        key_center = paired.key_center
+    # (label, mask, tissue value), painted in order
+    structures = [
+        (3, _level(u, organ_a_center, organ_a_axes) < 1, values[3]),
+        (4, _level(u, organ_a_center + core_offset, organ_a_axes * core_scale) < 1, values[4]),
+        (5, _level(u, organ_b_center, organ_b_axes) < 1, values[5]),
+        (6, _level(u[:2], bone_center, (0.1, 0.09)) < 1, values[6]),
+    ]
+    if paired is not None:
+        structures += [
+            (TWIN_LANDMARK_SIDE, _level(u, paired.twin_landmark_side_center, paired.twin_axes) < 1,
+             paired.twin_value),
+            (TWIN_OTHER_SIDE, _level(u, paired.twin_other_side_center, paired.twin_axes) < 1, paired.twin_value),
+        ]
+    # Painted last so its shape, the class signal, is never cut by another organ.
+    structures.append((2, _key_organ(u, key_shape, key_center, radius, rng), values[2]))
+    for label, mask, value in structures:
         mask = np.broadcast_to(mask, grid.shape) & body
         labels[mask] = label
-        tissue[mask] = values[label]
+        tissue[mask] = value
 
     texture_amplitude = 25.0 if kind == "MR" else 12.0
     texture = _plane_waves(u, rng, 4, (3.0, 8.0)) * np.float32(texture_amplitude * rng.uniform(0.7, 1.3))
@@ -293,144 +331,3 @@ def make_phantom(index: int, config: PhantomConfig) -> Phantom:
         modality=MODALITY_SUFFIX[kind],
     )
 
-
-# ------------------------------------------------------------------------------ writing
-GENERATOR_NAME = "nnssl_generate_phantoms"  # marks a folder as ours, so a re-run may replace it
-SESSION_ID = "ses-01"
-_OUR_FILE = re.compile(r"^sub-\d+_ses-01_(T1w|ct|T1w_anatmask|ct_anatmask|dseg)\.nii\.gz$")
-
-
-@dataclass(frozen=True)
-class PhantomCase:
-    case_id: str  # "sub-001", also the BIDS subject id
-    session_id: str
-    image: Path
-    anatomy_mask: Path | None
-    label_map: Path
-    class_label: int
-    modality: str  # "T1w" or "ct"
-
-
-@dataclass
-class PhantomManifest:
-    out_dir: Path
-    config: PhantomConfig
-    cases: list[PhantomCase]
-    cases_json: Path
-    participants_tsv: Path
-    dataset_description: Path
-
-    def class_labels(self) -> list[int]:
-        return [case.class_label for case in self.cases]
-
-
-def _case_files(out_dir: Path, index: int, config: PhantomConfig) -> PhantomCase:
-    _, kind = volume_assignment(index, config)
-    suffix = MODALITY_SUFFIX[kind]
-    subject = f"sub-{index + 1:0{max(3, len(str(config.num_volumes)))}d}"
-    datatype = "anat" if kind == "MR" else "ct"
-    stem = f"{subject}_{SESSION_ID}_{suffix}"
-    folder = out_dir / subject / SESSION_ID / datatype
-    return PhantomCase(
-        case_id=subject, session_id=SESSION_ID, image=folder / f"{stem}.nii.gz",
-        anatomy_mask=folder / f"{stem}_anatmask.nii.gz" if config.anatomy_masks else None,
-        # Outside the raw folders so dataset builders never take a label map for an image.
-        label_map=out_dir / "derivatives" / "labels" / subject / SESSION_ID / datatype
-        / f"{subject}_{SESSION_ID}_dseg.nii.gz",
-        class_label=volume_assignment(index, config)[0], modality=suffix)
-
-
-def _write_case(out_dir: Path, index: int, config: PhantomConfig) -> PhantomCase:
-    from nnssl.data.imageio import write_image
-
-    case = _case_files(out_dir, index, config)
-    phantom = make_phantom(index, config)
-    geometry = {"spacing": phantom.spacing, "origin": phantom.origin, "direction": phantom.direction}
-    write_image(case.image, phantom.image, **geometry)
-    if case.anatomy_mask is not None:
-        write_image(case.anatomy_mask, phantom.anatomy_mask, **geometry)
-    write_image(case.label_map, phantom.label_map, **geometry)
-    return case
-
-
-def _clear_previous(out_dir: Path) -> None:
-    """Accept an empty folder or one we wrote before; remove the old phantom files in the latter.
-
-    Stale volumes of a previous, larger run would otherwise be picked up as images by
-    nnssl_create_dataset. Our dataset_description.json is written before any volume, so a
-    crashed run is recognised too; only files named like ours are deleted.
-    """
-    if out_dir.exists() and not out_dir.is_dir():
-        raise NnsslError(f"{out_dir} exists and is not a folder; choose another output folder.")
-    if not out_dir.exists() or not any(out_dir.iterdir()):
-        return
-    try:
-        generated_by = read_json(out_dir / "dataset_description.json")["GeneratedBy"][0]["Name"]
-    except (OSError, ValueError, KeyError, IndexError, TypeError):
-        generated_by = None
-    if generated_by != GENERATOR_NAME:
-        raise NnsslError(f"{out_dir} is not empty and holds no phantom collection written by "
-                         f"{GENERATOR_NAME}; choose an empty or new output folder.")
-    (out_dir / "cases.json").unlink(missing_ok=True)  # describes the old volumes; rewritten at the end
-    labels = out_dir / "derivatives" / "labels"
-    for path in [*out_dir.glob("sub-*/*/*/*.nii.gz"), *labels.glob("sub-*/*/*/*.nii.gz")]:
-        if _OUR_FILE.match(path.name):
-            path.unlink()
-    for subject in [*out_dir.glob("sub-*"), *labels.glob("sub-*")]:
-        for folder, _, _ in sorted(os.walk(subject), key=lambda entry: -len(entry[0])):
-            if not any(Path(folder).iterdir()):
-                Path(folder).rmdir()
-
-
-def _write_tsv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
-    with atomic_path(path) as tmp:
-        lines = ["\t".join(header)] + ["\t".join(str(v) for v in row) for row in rows]
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-def write_phantom_collection(out_dir: Path, config: PhantomConfig, num_processes: int = 1) -> PhantomManifest:
-    """Write `config.num_volumes` phantoms as a BIDS tree under `out_dir` (see module docstring)."""
-    if not _is_int(num_processes) or num_processes < 1:
-        raise NnsslError(f"num_processes must be an integer >= 1, got {num_processes!r}")
-    out_dir = Path(out_dir).absolute()
-    generated_by = [{"Name": GENERATOR_NAME, "Description": "nnssl synthetic anatomy-like phantoms"}]
-    description = {"Name": "nnssl phantoms", "BIDSVersion": "1.9.0", "DatasetType": "raw",
-                   "GeneratedBy": generated_by, "nnssl_phantom_config": config.to_dict()}
-    _clear_previous(out_dir)
-    write_json(out_dir / "dataset_description.json", description)
-    indices = range(config.num_volumes)
-    if num_processes == 1:
-        cases = [_write_case(out_dir, i, config) for i in indices]
-    else:
-        # fork starts workers instantly; nothing in the parent holds threads or locks yet.
-        method = "fork" if "fork" in get_all_start_methods() else "spawn"
-        with ProcessPoolExecutor(num_processes, mp_context=get_context(method)) as pool:
-            cases = list(pool.map(_write_case, [out_dir] * len(indices), indices, [config] * len(indices),
-                                  chunksize=max(1, len(indices) // (4 * num_processes))))
-
-    def rel(path: Path | None) -> str | None:
-        return None if path is None else path.relative_to(out_dir).as_posix()
-
-    participants = out_dir / "participants.tsv"
-    rows = []
-    for case in cases:
-        rng = np.random.default_rng([config.seed, 3, int(case.case_id[4:])])
-        rows.append([case.case_id, case.class_label, int(rng.integers(20, 81)), ("F", "M")[int(rng.integers(2))]])
-    _write_tsv(participants, ["participant_id", "class_label", "age", "sex"], rows)
-    labels_dir = out_dir / "derivatives" / "labels"
-    write_json(labels_dir / "dataset_description.json",
-               {"Name": "nnssl phantom label maps", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
-                "GeneratedBy": generated_by})
-    _write_tsv(labels_dir / "dseg.tsv", ["index", "name"], [[k, v] for k, v in LABELS.items()])
-    cases_json = out_dir / "cases.json"
-    write_json(cases_json, {
-        "num_classes": config.num_classes,
-        "class_names": list(KEY_ORGAN_SHAPES[: config.num_classes]),
-        "labels": {str(k): v for k, v in LABELS.items()},
-        "cases": [{"case_id": c.case_id, "image": rel(c.image), "anatomy_mask": rel(c.anatomy_mask),
-                   "label_map": rel(c.label_map), "class_label": c.class_label, "modality": c.modality}
-                  for c in cases],
-    })
-    logger.debug("wrote %d phantoms to %s", len(cases), out_dir)
-    return PhantomManifest(out_dir=out_dir, config=config, cases=cases, cases_json=cases_json,
-                           participants_tsv=participants, dataset_description=out_dir / "dataset_description.json")

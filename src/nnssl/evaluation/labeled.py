@@ -1,18 +1,25 @@
 """Labeled evaluation sets (`cases.json`) and volume preparation consistent with pretraining.
 
-Format (the one `nnssl.data.phantoms.write_phantom_collection` writes; documentation/evaluation.md):
+Format (the one `nnssl.data.phantom_files.write_phantom_collection` writes; documentation/evaluation.md):
 
     {"class_names": ["sphere", "cuboid"],            # optional: names of class labels 0..K-1
      "labels": {"0": "background", "1": "body"},     # optional: names of label-map values
+     "context_labels": [7, 8],                       # optional: label values of the context probe
      "cases": [{"case_id": "sub-001",                # optional, default: the image's stem
                 "image": "sub-001/ses-01/anat/sub-001_ses-01_T1w.nii.gz",  # relative or absolute
                 "class_label": 0,                    # a class per volume, and/or
                 "label_map": "derivatives/...dseg.nii.gz",                 # a label map on the image grid
-                "modality": "T1w"}, ...]}            # optional: selects the plan's normalisation
+                "modality": "T1w",                   # optional: selects the plan's normalisation
+                "stratum": 3}, ...]}                 # optional: split stratum (default: class_label)
 
 Every case needs `class_label` or `label_map`; a probe task runs when every case has its label
 (a set where only some cases carry one is an error, not a silently smaller probe). Other keys
-(`anatomy_mask`, ...) are ignored.
+(`anatomy_mask`, ...) are ignored. `context_labels` (with label maps) names the label values
+told apart only by context (`nnssl.data.paired_organs` writes them); the context probe
+classifies the tokens carrying them. `stratum` (given for every case or none) replaces the class
+label as what the train/test splits are stratified by: the paired-organ phantoms give the class
+combined with the landmark's side, so every training half holds both sides equally often and a
+probe cannot learn a position bias that the test half then reverses.
 
 Preparation follows preprocessing step by step (`nnssl.preprocessing.steps`, the same order
 as `preprocessing.runner`): the plan's axis transpose, crop to the nonzero box, the plan's
@@ -48,6 +55,7 @@ class LabeledCase:
     class_label: int | None
     label_map: Path | None
     modality: str | None
+    stratum: int | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,7 @@ class LabeledSet:
     cases: list[LabeledCase]
     class_names: list[str]
     label_names: dict[int, str]
+    context_labels: tuple[int, ...] = ()  # label values of the context probe; () = no context probe
 
     @property
     def has_class_labels(self) -> bool:
@@ -67,6 +76,13 @@ class LabeledSet:
 
     def class_labels(self) -> np.ndarray:
         return np.array([c.class_label for c in self.cases], dtype=np.int64)
+
+    def split_strata(self) -> np.ndarray | None:
+        """What the train/test splits are stratified by: the cases' `stratum`, else their class
+        labels, else nothing (None)."""
+        if self.cases and all(c.stratum is not None for c in self.cases):
+            return np.array([c.stratum for c in self.cases], dtype=np.int64)
+        return self.class_labels() if self.has_class_labels else None
 
 
 def _path(folder: Path, value: Any) -> Path:
@@ -113,22 +129,41 @@ def load_labeled_set(folder: str | Path) -> LabeledSet:
             problems.append(f"{where}: label map {label_map} not found")
         if entry.get("class_label") is None and label_map is None:
             problems.append(f"{where}: has neither class_label nor label_map")
-        cases.append(LabeledCase(case_id, image, label, label_map, entry.get("modality")))
+        stratum = entry.get("stratum")
+        if stratum is not None and (isinstance(stratum, bool) or not isinstance(stratum, int) or stratum < 0):
+            problems.append(f"{where}: stratum must be an integer >= 0, got {stratum!r}")
+            stratum = None
+        cases.append(LabeledCase(case_id, image, label, label_map, entry.get("modality"), stratum))
     ids = [c.case_id for c in cases]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
         problems.append(f"duplicate case_id {', '.join(duplicates)}")
-    for key, name in (("class_label", "class labels"), ("label_map", "label maps")):
+    for key, name in (("class_label", "class labels"), ("label_map", "label maps"), ("stratum", "strata")):
         have = sum(isinstance(e, dict) and e.get(key) is not None for e in data["cases"])
         if 0 < have < len(data["cases"]):
             problems.append(f"{have} of {len(data['cases'])} cases have {key}: give {name} for every case or none")
+    context = data.get("context_labels", [])
+    if not _valid_context_labels(context):
+        problems.append(f"context_labels must list at least two distinct label values (integers >= 0), got "
+                        f"{context!r}; remove the key for a set without a context task")
+        context = []
+    elif context and not all(isinstance(e, dict) and e.get("label_map") for e in data["cases"]):
+        problems.append("context_labels needs a label_map for every case")
     if problems:
         raise InvalidLabeledSet(f"{cases_json}: cannot evaluate on this labeled set:", problems)
     labeled = LabeledSet(folder, cases, [str(n) for n in data.get("class_names") or []],
-                         {int(k): str(v) for k, v in (data.get("labels") or {}).items()})
+                         {int(k): str(v) for k, v in (data.get("labels") or {}).items()},
+                         tuple(int(v) for v in context))
     if labeled.has_class_labels and len(set(labeled.class_labels().tolist())) < 2:
         raise InvalidLabeledSet(f"{cases_json}: every case has the same class_label; a probe needs two classes")
     return labeled
+
+
+def _valid_context_labels(value: Any) -> bool:
+    if value == []:  # no context task
+        return True
+    return (isinstance(value, list) and len(value) >= 2 and len(set(value)) == len(value)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value))
 
 
 # ---------------------------------------------------------------------------- preparation

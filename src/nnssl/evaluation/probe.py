@@ -12,11 +12,20 @@ something):
 - a token probe: logistic regression on token features predicting the label-map value at each
   token (its cell's centre voxel, or the majority within the cell); scored by balanced accuracy
   as well, because background tokens dominate;
+- a context probe: the same on the tokens whose label is one of the labeled set's
+  `context_labels` only (structures of one tissue told apart by context, e.g. paired organs),
+  scored by balanced accuracy over those labels: the dense measurement that needs more than a
+  token's own voxels (the encoder-free baselines of `baselines.py` show how much more);
 - a learning curve: the probes trained on nested, class-balanced fractions of the training
   cases, so "pretraining helps with few labels" is visible.
 
+Token features are read out on the probe grid (the encoder's token grid, or cells of
+`probe_cell` voxels) either from the last depth (`token_readout="final"`) or from every depth
+concatenated (`"layers"`), the per-token counterpart of the volume probe's `pooling="layers"`.
+
 Protocol (fixed before looking at any result, never tuned on the test cases): `num_splits`
-seeded train/test splits by case (stratified by class when every class has two cases),
+seeded train/test splits by case (stratified by each case's `stratum`, else its class, when
+every stratum has two cases),
 features standardised on the training cases, L2-regularised logistic regression with a fixed
 `C`. The numbers are means over the splits; the per-split values are kept.
 """
@@ -31,8 +40,11 @@ import numpy as np
 import torch
 
 from nnssl.errors import InvalidInput
+from nnssl.export.features import TOKEN_READOUTS
 
-# what the volume probe reads: the final tokens' mean, or every depth's mean concatenated
+# what the token and context probes read per token (TOKEN_READOUTS): the last depth, or every
+# depth concatenated (`nnssl.export.features.readout_tokens` defines them).
+# What the volume probe reads: the final tokens' mean, or every depth's mean concatenated
 # (`PretrainedEncoder.layer_pooled`)
 POOLINGS = ("mean", "layers")
 
@@ -49,6 +61,9 @@ class ProbeConfig:
     max_train_tokens: int = 20000  # token probe: tokens it is fitted on (seeded subsample)
     max_tokens_per_case: int = 512  # tokens kept per case for the token probe (seeded positions)
     max_rankme_tokens: int = 16384  # token RankMe subsample (the SVD grows with rows)
+    token_readout: str = "final"  # token/context probe features: "final" (last depth) or "layers" (every depth)
+    probe_cell: int = 0  # token/context probe grid: cells of this many voxels per side; 0 = the encoder's tokens
+    baselines: bool = True  # also probe the encoder-free features of baselines.py
 
     def __post_init__(self) -> None:
         problems = []
@@ -64,6 +79,10 @@ class ProbeConfig:
             problems.append(f"token_label must be 'centre' or 'majority', got {self.token_label!r}")
         if self.pooling not in POOLINGS:
             problems.append(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        if self.token_readout not in TOKEN_READOUTS:
+            problems.append(f"token_readout must be one of {', '.join(TOKEN_READOUTS)}, got {self.token_readout!r}")
+        if isinstance(self.probe_cell, bool) or not isinstance(self.probe_cell, int) or self.probe_cell < 0:
+            problems.append(f"probe_cell must be an integer >= 0 (0: the encoder's token grid), got {self.probe_cell!r}")
         if self.max_train_tokens < 100 or self.max_rankme_tokens < 2 or self.max_tokens_per_case < 1:
             problems.append("max_train_tokens must be >= 100, max_rankme_tokens >= 2 and max_tokens_per_case >= 1")
         if problems:
@@ -223,3 +242,30 @@ def token_probe(tokens: np.ndarray, token_labels: np.ndarray, splits: list[tuple
     return _summary(_curve(points, config.fractions), {
         "chance_accuracy": float(counts.max() / counts.sum()),
         "token_label_counts": {int(v): int(c) for v, c in zip(values, counts)}})
+
+
+def context_probe(features: np.ndarray, labels: np.ndarray, case_of: np.ndarray,
+                  splits: list[tuple[np.ndarray, np.ndarray]], config: ProbeConfig,
+                  fractions: tuple[float, ...] | None = None) -> dict[str, Any]:
+    """Logistic regression on the tokens that carry a context label: features [T, F], labels [T]
+    and the case each token belongs to [T] (the splits are by case, as for every probe); fitted
+    on at most `max_train_tokens` seeded training tokens, scored on every test token. Balanced
+    accuracy over the context labels is the headline (chance: 1 / number of labels)."""
+    fractions = config.fractions if fractions is None else fractions
+    points = []
+    for s, (train, test) in enumerate(splits):
+        rng = np.random.default_rng([config.seed, 4, s])
+        in_test = np.isin(case_of, test)
+        row = []
+        for subset in nested_subsets(train, None, fractions, rng):
+            chosen = np.flatnonzero(np.isin(case_of, subset))
+            if len(chosen) > config.max_train_tokens:
+                chosen = np.sort(rng.choice(chosen, config.max_train_tokens, replace=False))
+            acc, bal = fit_and_score(features[chosen], labels[chosen], features[in_test], labels[in_test], config.C)
+            row.append((acc, bal, len(subset)))
+        points.append(row)
+    values, counts = np.unique(labels, return_counts=True)
+    return _summary(_curve(points, fractions), {
+        "chance_accuracy": float(counts.max() / counts.sum()), "chance_balanced_accuracy": 1.0 / len(values),
+        "token_label_counts": {int(v): int(c) for v, c in zip(values, counts)},
+        "num_features": int(features.shape[1])})

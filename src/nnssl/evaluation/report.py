@@ -18,7 +18,12 @@ JSON_NAME = "evaluation.json"
 PLOT_NAME = "evaluation.png"
 # (key in the encoder's results, metric plotted, panel title)
 PANELS = (("volume_probe", "accuracy", "volume label ({pooling} features)"),
-          ("token_probe", "balanced_accuracy", "label map per token (balanced accuracy)"))
+          ("token_probe", "balanced_accuracy", "label map per token ({readout} tokens)"),
+          ("context_probe", "balanced_accuracy", "context labels per token ({readout} tokens)"))
+# baselines drawn into the token and context panels: (name in evaluation.json, legend, line style)
+BASELINE_LINES = (("raw_cell_statistics", "own cell's intensity statistics", (0, (1, 1))),
+                  ("raw_cell_voxels_and_position", "own cell's voxels + position", (0, (3, 1, 1, 1))),
+                  ("context_oracle", "context oracle (5x5x5 cells + position)", (0, (5, 2))))
 
 
 def write_report(result: dict[str, Any], out_folder: Path, plot: bool = True) -> dict[str, Path]:
@@ -61,6 +66,14 @@ def plot_learning_curves(result: dict[str, Any], path: Path) -> None:
         chance = encoders["pretrained"][key]["chance_accuracy"] if metric == "accuracy" else None
         if chance is not None:
             ax.axhline(chance, color="grey", linestyle=":", label=f"majority class ({chance:.3f})")
+        balanced_chance = encoders["pretrained"][key].get("chance_balanced_accuracy")
+        if metric == "balanced_accuracy" and balanced_chance is not None:
+            ax.axhline(balanced_chance, color="grey", linestyle=":", label=f"chance ({balanced_chance:.3f})")
+        for name, legend, style in BASELINE_LINES:
+            line = result.get("baselines", {}).get(key, {}).get(name)
+            if line is not None:
+                ax.axhline(line[metric], color="tab:green", linestyle=style, linewidth=1,
+                           label=f"{legend} ({line[metric]:.3f})")
         ax.set_xscale("log")
         ticks = [p["fraction"] for p in encoders["pretrained"][key]["learning_curve"]]
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
@@ -69,7 +82,9 @@ def plot_learning_curves(result: dict[str, Any], path: Path) -> None:
         ax.set_ylabel(metric.replace("_", " "))
         pooling = {"mean": "mean-pooled", "layers": "multi-layer mean-pooled"}.get(
             encoders["pretrained"][key].get("pooling", "mean"), "pooled")
-        ax.set_title(title.format(pooling=pooling), fontsize=10)
+        readout = {"final": "final-layer", "layers": "multi-layer"}.get(
+            encoders["pretrained"][key].get("readout", "final"), "")
+        ax.set_title(title.format(pooling=pooling, readout=readout), fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"{Path(result['checkpoint']).name}: pretrained vs random init", fontsize=10)
@@ -90,16 +105,29 @@ def format_summary(result: dict[str, Any]) -> str:
         pooling = enc["pretrained"]["volume_probe"].get("pooling", "mean")
         rows.append((f"volume probe accuracy ({pooling})", "volume_probe", "accuracy"))
     if "token_probe" in enc["pretrained"]:
+        readout = enc["pretrained"]["token_probe"].get("readout", "final")
         rows += [("token probe accuracy", "token_probe", "accuracy"),
-                 ("token probe balanced acc.", "token_probe", "balanced_accuracy")]
+                 (f"token probe bal. acc. ({readout})", "token_probe", "balanced_accuracy")]
+    if "context_probe" in enc["pretrained"]:
+        rows.append((f"context probe bal. acc. ({enc['pretrained']['context_probe'].get('readout', 'final')})",
+                     "context_probe", "balanced_accuracy"))
     data = result["data"]
     encoder = result["encoder"]
     shape = "x".join(map(str, encoder["patch_size"]))
     lines = [(f"{encoder['arch_class_name']} ({encoder['family']}, input {shape}, E={encoder['embed_dim']}) on "
               f"{data['num_cases']} cases, {result['probe_config']['num_splits']} splits"),
-             f"{'':28s}{'pretrained':>12s}{'random':>12s}"]
+             f"{'':34s}{'pretrained':>12s}{'random':>12s}"]
     for label, section, key in rows:
-        lines.append(f"{label:28s}{enc['pretrained'][section][key]:12.3f}{enc['random'][section][key]:12.3f}")
+        lines.append(f"{label:34s}{enc['pretrained'][section][key]:12.3f}{enc['random'][section][key]:12.3f}")
+    for probe, names in result.get("baselines", {}).items():
+        scores = ", ".join(f"{name.replace('_', ' ')} {entry['balanced_accuracy']:.3f}" for name, entry in names.items())
+        chance = enc["pretrained"][probe].get("chance_balanced_accuracy")
+        lines.append(f"{probe.replace('_', ' ')} baselines (balanced acc.{'' if chance is None else f', chance {chance:.3f}'}): "
+                     f"{scores}")
     for key, value in result.get("pretrained_minus_random", {}).items():
         lines.append(f"pretrained - random, {key.replace('_', ' ')}: {100 * value:+.1f} points")
+    if "protocol" in result:
+        which = result["protocol"]["labeled_set"]
+        lines.append(f"protocol {result['protocol']['name']} on "
+                     f"{'its ' + which + ' set' if which else 'a set that is not one of its labeled sets'}")
     return "\n".join(lines)

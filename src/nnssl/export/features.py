@@ -131,6 +131,58 @@ class PretrainedEncoder:
             return [t.float() for t in self._tokens.layer_outputs(x)]
         return [s.flatten(2).transpose(1, 2).float() for s in self.network.encoder(x)]
 
+    @torch.no_grad()
+    def layer_maps(self, volumes: torch.Tensor) -> list[torch.Tensor]:
+        """`layers` as feature maps [B, E_l, *grid_l] (the grid each depth lives on: Primus's
+        token grid for every depth, ResEnc's stage resolutions from input / 1 to input / 32), so
+        read-outs can place every depth on one grid (`readout_tokens`)."""
+        x = self._check(volumes)
+        if self.family == "primus":
+            return [self._tokens.tokens_to_volume(t.float()) for t in self._tokens.layer_outputs(x)]
+        return [s.float() for s in self.network.encoder(x)]
+
+    @torch.no_grad()
+    def dense_tokens(self, volumes: torch.Tensor, readout: str = "final",
+                     grid: tuple[int, int, int] | None = None) -> torch.Tensor:
+        """Dense features [B, N, F] on `grid` (default: the encoder's token grid), token n at
+        `unravel_index(n, grid)`: `readout="final"` is the last depth (F = E; `tokens` when the
+        grid is the encoder's), `"layers"` every depth concatenated (F = the sum of the depth
+        widths, as `layer_pooled` but per token). See `readout_tokens`."""
+        return readout_tokens(self.layer_maps(volumes), readout, grid or self.grid)
+
+
+TOKEN_READOUTS = ("final", "layers")
+
+
+def readout_tokens(maps: list[torch.Tensor], readout: str, grid: tuple[int, int, int]) -> torch.Tensor:
+    """Feature maps [B, E_l, *grid_l] (`PretrainedEncoder.layer_maps`) -> tokens [B, prod(grid), F].
+
+    "final" reads the last map, "layers" every map, channels concatenated in depth order. Each
+    map is brought to `grid` first: averaged over each cell where it is finer (ResEnc's early
+    stages: a cell's mean feature, which is what a token of that cell would summarise), repeated
+    where it is coarser (ResEnc's bottleneck on a finer probe grid: every cell gets the feature of
+    the bottleneck cell that holds it). Primus maps are already on its grid and pass unchanged.
+    """
+    import torch.nn.functional as F
+
+    if readout not in TOKEN_READOUTS:
+        raise InvalidInput(f"token read-out {readout!r} must be one of {', '.join(TOKEN_READOUTS)}")
+    grid = tuple(int(g) for g in grid)
+    out = []
+    for m in (maps if readout == "layers" else maps[-1:]):
+        have = tuple(m.shape[2:])
+        if have != grid:
+            if all(h % g == 0 for h, g in zip(have, grid)):
+                m = F.avg_pool3d(m, kernel_size=tuple(h // g for h, g in zip(have, grid)))
+            elif all(g % h == 0 for h, g in zip(have, grid)):
+                m = F.interpolate(m, size=grid, mode="nearest")
+            else:
+                raise InvalidInput(f"a feature map on grid {have} cannot be placed on the probe grid {grid}: one "
+                                   "must divide the other on every axis; choose a probe cell size that divides "
+                                   "the input shape like the encoder's strides do")
+        out.append(m.flatten(2).transpose(1, 2))
+    return torch.cat(out, dim=2)
+
 
 def concat_layer_means(layers: list[torch.Tensor]) -> torch.Tensor:
     """[B, N_l, E_l] per depth -> [B, sum E_l]: the multi-layer read-out of `layers()`' output
