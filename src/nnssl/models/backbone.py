@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from nnssl.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from nnssl.models.registry import ModelSettings
 
 # Import paths of the classes nnU-Net's `arch_kwargs_requiring_import` names (e.g. conv_op).
 _IMPORTABLE_KWARGS = ("conv_op", "norm_op", "dropout_op", "nonlin", "block")
@@ -66,9 +69,12 @@ class BackboneSpec:
     """The architecture of a pretrained encoder, in the fields of nnssl's adaptation plan.
 
     `arch_class_name` is a preset nnU-Net knows (`PrimusS/B/M/L`, `ResEncL`) or, for networks
-    outside the presets (the CPU-sized `Tiny`), the class's import path; `arch_kwargs` always
-    holds the complete constructor arguments (plain types), so the network can be rebuilt
-    exactly with `build()` either way.
+    outside the presets (the CPU-sized `Tiny`, `PlainConvUNet`), the class's import path.
+    `arch_kwargs` holds the constructor arguments (plain types) except those in `build_defaults`:
+    nnU-Net's `get_network_from_plans` passes `input_channels`, `num_classes` and
+    `deep_supervision` itself, so a class path whose `arch_kwargs` repeated them would fail there
+    with a duplicate-keyword TypeError. `build_defaults` keeps the pretraining network's values
+    of such arguments, so `build()` rebuilds the network exactly either way.
     """
 
     arch_class_name: str
@@ -85,23 +91,29 @@ class BackboneSpec:
     classes_kwarg: str = "num_classes"
     shape_kwarg: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # constructor arguments left out of `arch_kwargs` because nnU-Net passes them (see above)
+    build_defaults: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_network(cls, network: nn.Module, arch_class_name: str, kwargs: dict[str, Any],
-                     input_shape: tuple[int, int, int], shape_kwarg: str | None = None) -> "BackboneSpec":
-        plain, requiring = plain_arch_kwargs(kwargs)
+                     input_shape: tuple[int, int, int], shape_kwarg: str | None = None,
+                     passed_by_nnunet: tuple[str, ...] = ()) -> "BackboneSpec":
+        """The spec of `network`, built from `kwargs`; the kwargs named in `passed_by_nnunet` go to
+        `build_defaults` instead of `arch_kwargs`."""
+        plain, requiring = plain_arch_kwargs({k: v for k, v in kwargs.items() if k not in passed_by_nnunet})
+        defaults, _ = plain_arch_kwargs({k: kwargs[k] for k in passed_by_nnunet if k in kwargs})
         keys = tuple(getattr(network, "keys_to_in_proj", ()))
         return cls(arch_class_name=arch_class_name, network_class=class_path(type(network)), arch_kwargs=plain,
                    arch_kwargs_requiring_import=requiring, key_to_encoder=network.key_to_encoder,
                    key_to_stem=network.key_to_stem, keys_to_in_proj=keys,
                    key_to_lpe=getattr(network, "key_to_lpe", None), input_shape=tuple(int(s) for s in input_shape),
-                   shape_kwarg=shape_kwarg)
+                   shape_kwarg=shape_kwarg, build_defaults=defaults)
 
     def build(self, input_channels: int | None = None, num_classes: int | None = None,
               input_shape: tuple[int, int, int] | None = None) -> nn.Module:
         """The network (full segmentation network, random init), optionally for another number
         of input channels, classes or (Primus) patch size, as nnU-Net would build it."""
-        kwargs = importable_arch_kwargs(self.arch_kwargs, self.arch_kwargs_requiring_import)
+        kwargs = {**self.build_defaults, **importable_arch_kwargs(self.arch_kwargs, self.arch_kwargs_requiring_import)}
         if input_channels is not None:
             kwargs[self.channels_kwarg] = int(input_channels)
         if num_classes is not None:
@@ -126,7 +138,8 @@ class BackboneSpec:
         return {"arch_class_name": self.arch_class_name, "network_class": self.network_class,
                 "arch_kwargs": dict(self.arch_kwargs), "arch_kwargs_requiring_import": list(self.arch_kwargs_requiring_import),
                 **self.transfer_keys(), "input_shape": list(self.input_shape), "channels_kwarg": self.channels_kwarg,
-                "classes_kwarg": self.classes_kwarg, "shape_kwarg": self.shape_kwarg, "extra": dict(self.extra)}
+                "classes_kwarg": self.classes_kwarg, "shape_kwarg": self.shape_kwarg, "extra": dict(self.extra),
+                "build_defaults": dict(self.build_defaults)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BackboneSpec":
@@ -136,4 +149,23 @@ class BackboneSpec:
                    keys_to_in_proj=tuple(d["keys_to_in_proj"]), key_to_lpe=d.get("key_to_lpe"),
                    input_shape=tuple(d["input_shape"]), channels_kwarg=d.get("channels_kwarg", "input_channels"),
                    classes_kwarg=d.get("classes_kwarg", "num_classes"), shape_kwarg=d.get("shape_kwarg"),
-                   extra=dict(d.get("extra") or {}))
+                   extra=dict(d.get("extra") or {}), build_defaults=dict(d.get("build_defaults") or {}))
+
+
+def conv_unet_problems(settings: ModelSettings, patch_size: tuple[int, ...], name: str, network_class: str,
+                       stride: int) -> list[str]:
+    """What a convolutional U-Net family (ResEnc, PlainConvUNet) cannot build: the Primus-only
+    settings, and crops that are not whole bottleneck cells. The family's checks (`problems`)."""
+    problems = []
+    if settings.patch_embed_size is not None:
+        problems.append(f"model.patch_embed_size={list(settings.patch_embed_size)} is a Primus setting; a {name} "
+                        f"encoder has no patch embedding (its token cell is its total stride {stride}³)")
+    if settings.drop_path_rate:
+        # dynamic-network-architectures' U-Nets have no stochastic-depth argument, so the rate would
+        # be silently ignored; the network that is fine-tuned downstream has none either
+        problems.append(f"model.drop_path_rate={settings.drop_path_rate} is not supported by {name} "
+                        f"({network_class} has no stochastic depth); set it to 0")
+    if len(patch_size) != 3 or any(p < stride or p % stride for p in patch_size):
+        problems.append(f"patch size {tuple(patch_size)} must be a positive multiple of {name}'s total stride "
+                        f"{stride} on every axis (one token per bottleneck cell)")
+    return problems
