@@ -46,7 +46,7 @@ def _checkpoint(trainer: str, patch: int, path: Path, steps: int = 1):
         method.after_optimizer_step(step, 0.9)  # a visible EMA: teacher != student
     save_checkpoint(path, {"network_weights": method.export_encoder_state_dict(),
                            "nnssl_adaptation_plan": adaptation_plan(method.backbone, _plans(), "onemmiso", 1),
-                           "trainer_name": trainer, "citations": citations(config.method, method.backbone)})
+                           "trainer_name": trainer, "citations": citations(config.method, config.backbone)})
     return method
 
 

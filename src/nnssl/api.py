@@ -142,7 +142,7 @@ class Pretrainer:
         check_downstream_keys(weights, method.backbone)
         return {"network_weights": weights, "nnssl_adaptation_plan": self._plan(),
                 "nnssl_backbone": method.backbone.to_dict(), "trainer_name": self.config.trainer_name,
-                "citations": citations(self.config.method, method.backbone), "training_config": self.config.to_dict(),
+                "citations": citations(self.config.method, self.config.backbone), "training_config": self.config.to_dict(),
                 "step": self.steps, "epoch": 1,
                 "data_summary": {"dataset": "in-memory volumes (nnssl.api.Pretrainer)",
                                  "normalization_per_modality": {"any": {"scheme": "ZScoreNormalization"}}}}

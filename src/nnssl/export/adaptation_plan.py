@@ -14,35 +14,11 @@ from typing import Any
 
 import torch
 
+from nnssl.methods.registry import get_method
 from nnssl.models.backbone import BackboneSpec
+from nnssl.models.registry import get_backbone
 from nnssl.planning.plans import Plans
 
-IJEPA_CITATION = {
-    "type": "method", "name": "I-JEPA",
-    "apa_citations": ["Assran, M., Duval, Q., Misra, I., Bojanowski, P., Vincent, P., Rabbat, M., LeCun, Y., & "
-                      "Ballas, N. (2023). Self-Supervised Learning from Images with a Joint-Embedding Predictive "
-                      "Architecture. CVPR 2023. arXiv:2301.08243"],
-}
-MAE_CITATION = {
-    "type": "method", "name": "MAE",
-    "apa_citations": ["He, K., Chen, X., Xie, S., Li, Y., Dollar, P., & Girshick, R. (2022). Masked Autoencoders "
-                      "Are Scalable Vision Learners. CVPR 2022. arXiv:2111.06377",
-                      "Wald, T., Ulrich, C., Suprijadi, J., Ziegler, S., Nohel, M., Peretzke, R., Kohler, G., & "
-                      "Maier-Hein, K. H. (2025). An OpenMind for 3D medical vision self-supervised learning. "
-                      "arXiv:2412.17041"],
-}
-PRIMUS_CITATION = {
-    "type": "architecture", "name": "Primus",
-    "apa_citations": ["Wald, T., Roy, S., Isensee, F., Ulrich, C., Ziegler, S., Trofimova, D., Stock, R., "
-                      "Baumgartner, M., Kohler, G., & Maier-Hein, K. H. (2025). Primus: Enforcing Attention "
-                      "Usage for 3D Medical Image Segmentation. arXiv:2503.01835"],
-}
-RESENC_CITATION = {
-    "type": "architecture", "name": "ResEnc-L",
-    "apa_citations": ["Isensee, F., Wald, T., Ulrich, C., Baumgartner, M., Roy, S., Maier-Hein, K., & Jaeger, "
-                      "P. F. (2024). nnU-Net Revisited: A Call for Rigorous Validation in 3D Medical Image "
-                      "Segmentation. MICCAI 2024. arXiv:2404.09556"],
-}
 NNSSL_CITATION = {
     "type": "framework", "name": "nnssl",
     "apa_citations": ["Wald, T., Ulrich, C., et al. (2025). An OpenMind for 3D medical vision self-supervised "
@@ -50,11 +26,13 @@ NNSSL_CITATION = {
 }
 
 
-def citations(method: str, backbone: BackboneSpec) -> list[dict[str, Any]]:
-    """The papers a user of this checkpoint should cite, as `{type, name, apa_citations}`."""
-    method_citation = IJEPA_CITATION if method.startswith("IJEPA") else MAE_CITATION
-    arch = RESENC_CITATION if "ResidualEncoderUNet" in backbone.network_class else PRIMUS_CITATION
-    return [copy.deepcopy(c) for c in (method_citation, arch, NNSSL_CITATION)]
+def citations(method: str, backbone: str) -> list[dict[str, Any]]:
+    """The papers a user of this checkpoint should cite, as `{type, name, apa_citations}`: the
+    registered method's (`method`, e.g. "MAETrainer"), the registered backbone's family's
+    (`backbone`, e.g. "PlainConvUNet"), then nnssl's. From the registries, so a new family or
+    method is cited without a line here."""
+    entries = (get_method(method).citation, get_backbone(backbone).family_entry.citation, NNSSL_CITATION)
+    return [copy.deepcopy(dict(c)) for c in entries]
 
 
 def pruned_plan(plans: Plans, configuration: str, patch_size: tuple[int, int, int]) -> dict[str, Any]:

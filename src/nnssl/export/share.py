@@ -104,7 +104,8 @@ def model_card(data: dict[str, Any]) -> str:
                                    "target_scale", "context_scale", "loss", "mae_mask_ratio") if k in cfg]
     monitors = [(k, f"{metrics[k]:.4g}") for k in ("train_loss", "val_loss", "token_rankme", "pooled_rankme",
                                                   "target_std", "pred_std", "cos_within", "cos_across") if k in metrics]
-    trainer_flag = "" if "ResEnc" in arch or "ResidualEncoder" in arch else " -tr PretrainedTrainer_Primus"
+    # nnU-Net's guide: PretrainedTrainer_Primus for Primus, its default PretrainedTrainer for CNNs
+    trainer_flag = " -tr PretrainedTrainer_Primus" if "Primus" in arch else ""
     cites = "\n".join(f"- **{c['name']}** ({c['type']}): " + " ".join(c["apa_citations"])
                       for c in data.get("citations") or [])
     return f"""---

@@ -44,7 +44,7 @@ def checkpoint_payload(trainer: Any, slim: bool = False) -> dict[str, Any]:
         "nnssl_adaptation_plan": adaptation_plan(method.backbone, ctx.data.plans, ctx.options.configuration, 1),
         "nnssl_backbone": method.backbone.to_dict(),
         "trainer_name": ctx.config.trainer_name,
-        "citations": citations(ctx.config.method, method.backbone),
+        "citations": citations(ctx.config.method, ctx.config.backbone),
         "training_config": ctx.config.to_dict(),
         "step": int(trainer.state.step),
         "epoch": int(trainer.state.step // ctx.config.iterations_per_epoch),
