@@ -19,7 +19,7 @@ from typing import Any
 from nnssl.errors import NnsslError
 
 BUILTIN_MODULES: tuple[str, ...] = ("nnssl.methods.ijepa_builder", "nnssl.methods.mae", "nnssl.methods.mae_primus",
-                                    "nnssl.methods.mae_resenc")
+                                    "nnssl.methods.mae_unet")
 ANY_FAMILY = "*"
 
 
