@@ -159,12 +159,23 @@ def get_backbone(name: str) -> BackboneEntry:
     return entry
 
 
+def _module_rank(fn: Callable[..., Any]) -> int:
+    """Position of the module that defines `fn` in `BUILTIN_MODULES` (others after them). Listings
+    sort by it, as timm's registry keys models by `fn.__module__`: registration order alone
+    depends on which family module a program happens to import first (a test importing
+    `models/resenc.py` before any lookup would move its family ahead of Primus in the docs)."""
+    module = getattr(fn, "__module__", None)
+    return BUILTIN_MODULES.index(module) if module in BUILTIN_MODULES else len(BUILTIN_MODULES)
+
+
 def list_backbones() -> list[BackboneEntry]:
-    """Every registered backbone, in registration order."""
+    """Every registered backbone: the built-in modules' in `BUILTIN_MODULES` order, then any
+    other; within a module in registration order."""
     _load_builtins()
-    return list(_BACKBONES.values())
+    return sorted(_BACKBONES.values(), key=lambda b: _module_rank(b.build))
 
 
 def list_families() -> list[BackboneFamily]:
+    """Every registered family, in the order of `list_backbones`."""
     _load_builtins()
-    return list(_FAMILIES.values())
+    return sorted(_FAMILIES.values(), key=lambda f: _module_rank(f.problems))
