@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 # Backbone families whose MAE zeroes input blocks and reconstructs them with the whole U-Net
 # (`mae_unet.py` registers its builder for each; the block-size checks and the CNN recipe below
 # apply to each). A new dynamic-network-architectures U-Net family joins MAE by its name here.
-CONV_UNET_FAMILIES: tuple[str, ...] = ("resenc",)
+CONV_UNET_FAMILIES: tuple[str, ...] = ("resenc", "plainconv")
 
 
 class InvalidMAEConfig(InvalidInput, ValueError):

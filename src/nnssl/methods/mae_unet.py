@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
+from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
@@ -49,7 +50,7 @@ class UNetMAEOutput:
     bottleneck: torch.Tensor      # [B, N, F]: deepest encoder features of the masked input, C-order
 
 
-def total_stride(encoder: nn.Module) -> tuple[int, int, int]:
+def total_stride(encoder: Any) -> tuple[int, int, int]:
     """Per-axis downsampling of a dynamic-network-architectures encoder (`encoder.strides`)."""
     strides = [(s,) * 3 if isinstance(s, int) else tuple(s) for s in encoder.strides]
     return tuple(math.prod(int(s[a]) for s in strides) for a in range(3))  # type: ignore[return-value]
@@ -59,7 +60,7 @@ class UNetMAE(PretrainingMethod):
     """A dynamic-network-architectures U-Net (`ResidualEncoderUNet`, `PlainConvUNet`) trained to
     fill in zeroed 16³ blocks (`network.*` in the state dict, everything needed to resume)."""
 
-    def __init__(self, network: nn.Module, mask_sampler: RandomMaskSampler | None = None,
+    def __init__(self, network: ResidualEncoderUNet | PlainConvUNet, mask_sampler: RandomMaskSampler | None = None,
                  block_size: int = 16, backbone: BackboneSpec | None = None) -> None:
         super().__init__()
         in_channels = int(next(m for m in network.encoder.modules() if isinstance(m, _ConvNd)).in_channels)

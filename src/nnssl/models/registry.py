@@ -1,9 +1,9 @@
 """The registry of backbones: every architecture nnssl can pretrain, in one list.
 
 In the style of timm's `register_model`: a backbone family module (`models/primus.py`,
-`models/resenc.py`) registers its family once (`register_family`: how to get JEPA tokens out of
-its networks, its citation, its checks) and every size of it (`register_backbone`: a builder,
-a description, default settings). Trainer names, `nnssl_train --list_trainers`, the method x
+`models/resenc.py`, `models/plainconv.py`) registers its family once (`register_family`: how to
+get JEPA tokens out of its networks, if it can, its citation, its checks) and every size of it
+(`register_backbone`: a builder, a description, default settings). Trainer names, `nnssl_train --list_trainers`, the method x
 backbone test matrix, citations and the model card all read this registry; nothing else lists
 backbones, and an unknown family is an error, never routed as another one.
 
@@ -26,7 +26,7 @@ from nnssl.models.backbone import BackboneSpec
 
 Shape = tuple[int, int, int]
 
-BUILTIN_MODULES: tuple[str, ...] = ("nnssl.models.primus", "nnssl.models.resenc")
+BUILTIN_MODULES: tuple[str, ...] = ("nnssl.models.primus", "nnssl.models.resenc", "nnssl.models.plainconv")
 
 
 class UnknownBackbone(NnsslError):
