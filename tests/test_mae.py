@@ -19,7 +19,7 @@ from nnssl.methods.base import PretrainingMethod
 from nnssl.methods.factory import build_method
 from nnssl.methods.mae import InvalidMAEConfig, RandomMaskSampler, masked_mse
 from nnssl.methods.mae_primus import PrimusMAE
-from nnssl.methods.mae_resenc import ResEncMAE
+from nnssl.methods.mae_unet import UNetMAE
 from nnssl.models.registry import nnunet_architecture_plans
 from nnssl.models.resenc import build_resenc_l
 from nnssl.training.names import UnknownTrainer, resolve_config
@@ -36,7 +36,7 @@ def _primus(seed: int = 0) -> PrimusMAE:
     return build_method(resolve_config("MAETrainer_Tiny", overrides={"patch_size": PRIMUS_SHAPE}))
 
 
-def _resenc(seed: int = 0) -> ResEncMAE:
+def _resenc(seed: int = 0) -> UNetMAE:
     torch.manual_seed(seed)
     return build_method(resolve_config("MAETrainer_ResEncTiny", overrides={"patch_size": RESENC_SHAPE}))
 
@@ -403,4 +403,4 @@ def test_wrong_inputs_are_refused_with_the_fix():
     with pytest.raises(InvalidInput, match="multiples of the network's total stride"):
         resenc.training_output(_volumes((64, 64, 48)), None, step=0)
     with pytest.raises(InvalidInput, match="deep_supervision=False"):
-        ResEncMAE(build_resenc_l(1, 1, deep_supervision=True, preset="Tiny"))
+        UNetMAE(build_resenc_l(1, 1, deep_supervision=True, preset="Tiny"))

@@ -1,20 +1,27 @@
 """The method x backbone matrix, generated from the registries (as timm tests every registered
 model): every pair resolves to a valid configuration or is refused with the reason; every
-CPU-sized backbone trains one real step with every method and exports nnU-Net-keyed weights."""
+CPU-sized backbone trains one real step with every method that accepts it and exports
+nnU-Net-keyed weights.
+
+The one refusal the registries define: a method registered for "*" (I-JEPA) needs a family with
+a token encoder, so a family with `token_encoder=None` is refused up front with that reason,
+and its builder refuses it too (no silent fallback)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 
+from nnssl.errors import InvalidInput
 from nnssl.methods.factory import build_method
-from nnssl.methods.registry import UnknownMethod, get_builder, list_methods
-from nnssl.models.registry import list_backbones
-from nnssl.training.names import resolve_config
+from nnssl.methods.registry import ANY_FAMILY, UnknownMethod, get_builder, list_methods
+from nnssl.models.registry import get_backbone, list_backbones
+from nnssl.training.names import UnknownTrainer, resolve_config
 from nnssl.training.step import optimizer_step
 
 PAIRS = [(m.name, b.name) for m in list_methods() for b in list_backbones()]
-SMALL = [(m, b) for m, b in PAIRS if next(x for x in list_backbones() if x.name == b).cpu_sized]
 
 
 def _supported(method: str, family: str) -> bool:
@@ -25,6 +32,24 @@ def _supported(method: str, family: str) -> bool:
     return True
 
 
+def _refused(method: str, backbone: str) -> bool:
+    """Only through the "*" builder, and only for a family without a token encoder."""
+    family = get_backbone(backbone).family_entry
+    try:
+        needs_tokens = get_builder(method, family.name) is get_builder(method, ANY_FAMILY)
+    except UnknownMethod:
+        needs_tokens = False
+    return needs_tokens and family.token_encoder is None
+
+
+SMALL = [(m, b) for m, b in PAIRS if get_backbone(b).cpu_sized and not _refused(m, b)]
+
+
+def _patch(name: str) -> tuple[int, int, int]:
+    cell = resolve_config(name).cell_size
+    return tuple(max(32, 2 * c) for c in cell)  # type: ignore[return-value]  # two token cells per axis at least
+
+
 @pytest.mark.parametrize("method,backbone", PAIRS)
 def test_every_registered_pair_resolves_with_its_citations(method, backbone):
     config = resolve_config(f"{method}_{backbone}")
@@ -32,12 +57,19 @@ def test_every_registered_pair_resolves_with_its_citations(method, backbone):
     assert (config.method, config.backbone, entry.family) == (method, backbone, entry.family)
     assert entry.family_entry.citation["apa_citations"]
     assert _supported(method, entry.family)  # every built-in pair is implemented
+    if _refused(method, backbone):
+        reason = "needs token-level access to the encoder, which the"
+        with pytest.raises(UnknownTrainer, match=reason):  # refused when the crop is known
+            resolve_config(f"{method}_{backbone}", overrides={"patch_size": _patch(f"{method}_{backbone}")})
+        if entry.cpu_sized:  # built anyway (an unchecked configuration): the builder refuses too
+            unchecked = dataclasses.replace(config, patch_size=_patch(f"{method}_{backbone}"))
+            with pytest.raises(InvalidInput, match=reason):
+                build_method(unchecked)
 
 
 @pytest.mark.parametrize("method,backbone", SMALL)
 def test_cpu_sized_backbones_train_a_step_with_every_method_and_export(method, backbone, one_thread):
-    cell = resolve_config(f"{method}_{backbone}").cell_size
-    patch = tuple(max(32, 2 * c) for c in cell)  # two token cells per axis at least
+    patch = _patch(f"{method}_{backbone}")
     config = resolve_config(f"{method}_{backbone}_BS2_1ep_2it", overrides={"patch_size": patch})
     method_module = build_method(config)
     optimizer = torch.optim.AdamW(method_module.parameter_groups(0.04), lr=1e-3)

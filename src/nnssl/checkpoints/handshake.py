@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
+from nnssl.methods.registry import get_method
 from nnssl.models.backbone import BackboneSpec
-from nnssl.models.registry import nnunet_architecture_plans
+from nnssl.models.registry import get_backbone, nnunet_architecture_plans
 from nnssl.planning.plans import Plans
 
 NNSSL_CITATION = {
@@ -27,12 +28,11 @@ NNSSL_CITATION = {
 
 def citations(method: str, backbone: str) -> list[dict[str, Any]]:
     """The papers a user of this checkpoint should cite, as `{type, name, apa_citations}`: the
-    method's and the backbone family's (from the registries), and nnssl's."""
-    from nnssl.methods.registry import get_method
-    from nnssl.models.registry import get_backbone
-
-    return [copy.deepcopy(dict(c)) for c in (get_method(method).citation,
-                                            get_backbone(backbone).family_entry.citation, NNSSL_CITATION)]
+    registered method's (`method`, e.g. "MAETrainer"), the registered backbone's family's
+    (`backbone`, e.g. "PlainConvUNet"), then nnssl's. From the registries, so a new family or
+    method is cited without a line here."""
+    entries = (get_method(method).citation, get_backbone(backbone).family_entry.citation, NNSSL_CITATION)
+    return [copy.deepcopy(dict(c)) for c in entries]
 
 
 def pruned_plan(plans: Plans, configuration: str, patch_size: tuple[int, int, int]) -> dict[str, Any]:

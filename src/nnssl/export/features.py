@@ -14,8 +14,8 @@ point every probe result is compared against (pretraining that does not beat it 
 Features:
 - Primus: all tokens of `PrimusTokenEncoder` (patch embedding + positions, Eva blocks, final
   norm), in Primus's token order `b c w h d -> b (w h d) c`.
-- ResEnc: the bottleneck `network.encoder(x)[-1]` [B, C, gx, gy, gz], flattened in the same
-  C order, so a token index means the same grid position for both families.
+- U-Nets (ResEnc, PlainConvUNet): the bottleneck `network.encoder(x)[-1]` [B, C, gx, gy, gz],
+  flattened in the same C order, so a token index means the same grid position for every family.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ class PretrainedEncoder:
     def layer_pooled(self, volumes: torch.Tensor) -> torch.Tensor:
         """[B, C, X, Y, Z] -> [B, F]: the multi-layer read-out, every depth mean-pooled and
         concatenated. Primus: the patch embedding (+ positions), each block's output and the
-        final norm (F = E * (depth + 2)); ResEnc: every encoder stage's output (F = the sum of
+        final norm (F = E * (depth + 2)); U-Nets: every encoder stage's output (F = the sum of
         the stage widths). Linear probes of frozen ViTs read several layers (DINO's and
         I-JEPA's "last 4 layers" evaluations) because early layers keep local detail that the
         last one, trained to predict semantics, may have averaged away."""
@@ -191,15 +191,18 @@ def concat_layer_means(layers: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _family(network: nn.Module) -> str:
+    """"primus", or the U-Net family ("plainconv", else "resenc"): every U-Net is read the same
+    way (its encoder's stage outputs), the name is what evaluation reports."""
     from dynamic_network_architectures.architectures.primus import Primus
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
     if isinstance(network, Primus):
         return "primus"
     encoder = getattr(network, "encoder", None)
     if encoder is not None and hasattr(encoder, "stages") and hasattr(encoder, "strides"):
-        return "resenc"
+        return "plainconv" if isinstance(network, PlainConvUNet) else "resenc"
     raise InvalidInput(f"no feature extraction for {type(network).__name__}: nnssl supports Primus and "
-                       "residual-encoder U-Nets (ResEnc)")
+                       "dynamic-network-architectures U-Nets (ResEnc, PlainConvUNet)")
 
 
 # ---------------------------------------------------------------------------- checkpoint reading
@@ -277,7 +280,8 @@ def _spec_from_plan(plan: dict[str, Any], source: str) -> BackboneSpec:
         kwargs, requiring = plain_arch_kwargs(kwargs)
     else:
         requiring = list(arch.get("arch_kwargs_requiring_import") or [])
-        kwargs = {"num_classes": 1, **kwargs}  # nnU-Net passes the classes itself; our rebuild needs a value
+        # nnU-Net passes the channels and classes itself; our rebuild needs values
+        kwargs = {"input_channels": channels, "num_classes": 1, **kwargs}
     if is_primus:
         network_class = PRIMUS_CLASS
         input_shape = tuple(kwargs.get("input_shape") or patch)

@@ -1,13 +1,14 @@
 """Masked autoencoders (MAE): the reconstruction baselines I-JEPA is compared against.
 
-Two variants, one per backbone family (each registers its builder, `methods/registry.py`):
+Two variants (each registers its builders, `methods/registry.py`):
 
 - **Primus** (`mae_primus.PrimusMAE`, the OpenMind / nnssl `BaseEvaMAETrainer` recipe): 75% of
   the 8³ tokens are dropped *before* the encoder, which runs on the visible 25% only; a small Eva
   decoder fills the sequence with a shared mask token and reconstructs the dropped tokens' voxels.
-- **ResEnc-L** (`mae_resenc.ResEncMAE`, nnssl `BaseMAETrainer`, "Revisiting MAE pre-training for
-  3D medical image segmentation"): 75% of the 16³ input blocks are set to zero and the whole
-  residual-encoder U-Net reconstructs the volume (a CNN cannot drop tokens).
+- **Convolutional U-Nets** (`mae_unet.UNetMAE`, nnssl `BaseMAETrainer`, "Revisiting MAE
+  pre-training for 3D medical image segmentation"; every family in `CONV_UNET_FAMILIES`: ResEnc-L
+  and nnU-Net's default PlainConvUNet): 75% of the 16³ input blocks are set to zero and the whole
+  U-Net reconstructs the volume (a CNN cannot drop tokens).
 
 Both compute the MSE on the masked voxels only, excluding defaced voxels (the anonymization
 mask), in fp32 whatever the autocast state. This module holds what they share: the random mask
@@ -36,6 +37,12 @@ if TYPE_CHECKING:
     from nnssl.models.registry import BackboneEntry
 
 
+# Backbone families whose MAE zeroes input blocks and reconstructs them with the whole U-Net
+# (`mae_unet.py` registers its builder for each; the block-size checks and the CNN recipe below
+# apply to each). A new dynamic-network-architectures U-Net family joins MAE by its name here.
+CONV_UNET_FAMILIES: tuple[str, ...] = ("resenc", "plainconv")
+
+
 class InvalidMAEConfig(InvalidInput, ValueError):
     """MAE settings that cannot work; `problems` lists every issue."""
 
@@ -44,7 +51,7 @@ class InvalidMAEConfig(InvalidInput, ValueError):
 
 
 class RandomMasks(NamedTuple):
-    """Which cells (Primus tokens or ResEnc input blocks) of each sample are visible / masked.
+    """Which cells (Primus tokens or U-Net input blocks) of each sample are visible / masked.
 
     Both are int64 [B, K] / [B, M] with ascending indices (C-order over the cell grid, Primus's
     token order), disjoint, together every cell; K and M are the same for every sample, so the
@@ -145,9 +152,9 @@ def cpu_state_dict(state: dict[str, torch.Tensor], prefixes: tuple[str, ...]) ->
 class MAEConfig:
     """MAE settings (section `mae` of the training configuration).
 
-    `mask_ratio`: fraction of cells masked (Primus: 8³ tokens dropped before the encoder; ResEnc:
+    `mask_ratio`: fraction of cells masked (Primus: 8³ tokens dropped before the encoder; U-Nets:
     `block_size`³ input blocks zeroed). `decoder_width` / `decoder_depth`: the small Eva decoder of
-    the Primus variant (the ResEnc variant reconstructs with the U-Net's own decoder)."""
+    the Primus variant (the U-Net variant reconstructs with the U-Net's own decoder)."""
 
     mask_ratio: float = 0.75
     block_size: int = 16
@@ -172,12 +179,18 @@ class MAEConfig:
 
 def mae_problems(config: MethodInputs, backbone: BackboneEntry) -> list[str]:
     """Why `config` cannot build an MAE on `backbone` (empty: it can): every masked cell count
-    must leave at least one visible and one masked cell."""
+    must leave at least one visible and one masked cell; a U-Net needs more than one bottleneck
+    cell (InstanceNorm refuses a 1-voxel map while training, a crash in the first step)."""
     patch = tuple(config.patch_size or ())
-    if backbone.family == "resenc":
+    if backbone.family in CONV_UNET_FAMILIES:  # the masked cells are input blocks, not tokens
         cell = (config.mae.block_size,) * 3
         if len(patch) == 3 and any(p % config.mae.block_size for p in patch):
             return [f"mae.block_size {config.mae.block_size} must divide the patch size {patch}"]
+        bottleneck = tuple(backbone.cell_size(config.model))
+        if patch == bottleneck:
+            return [f"patch size {patch} is a single bottleneck cell of {backbone.name}: the U-Net's bottleneck "
+                    "InstanceNorm needs more than one voxel per channel while training; use at least "
+                    f"{2 * bottleneck[0]} on one axis"]
     else:
         cell = backbone.cell_size(config.model)
     if len(patch) != 3 or any(p < c or p % c for p, c in zip(patch, cell)):
@@ -199,12 +212,12 @@ MAE_CITATION = {
 }
 
 # The reference nnssl MAE recipe where our schedule can express it: AdamW betas (0.9, 0.98),
-# constant weight decay 0.05, drop path 0.2 for Primus (ResEnc has none), gradient clipping
-# 1 (Primus) / 12 (ResEnc); warm-up + cosine instead of its poly lr.
+# constant weight decay 0.05, drop path 0.2 for Primus (the U-Nets have none), gradient clipping
+# 1 (Primus) / 12 (ResEnc, and the other U-Nets with it); warm-up + cosine instead of its poly lr.
 _RECIPE = {"optim.betas": (0.9, 0.98), "optim.start_weight_decay": 0.05, "optim.final_weight_decay": 0.05}
 register_method(MethodEntry(
     name="MAETrainer", display_name="MAE", citation=MAE_CITATION,
-    description="MAE: reconstruct masked voxels (Primus: 75% of tokens dropped; ResEnc: 16³ blocks)",
+    description="MAE: reconstruct masked voxels (Primus: 75% of tokens dropped; CNN U-Nets: 16³ blocks zeroed)",
     exports="the encoder", problems=mae_problems, listing_order=10,
     defaults={"primus": {**_RECIPE, "model.drop_path_rate": 0.2, "optim.grad_clip": 1.0},
-              "resenc": {**_RECIPE, "optim.grad_clip": 12.0}}))
+              **{family: {**_RECIPE, "optim.grad_clip": 12.0} for family in CONV_UNET_FAMILIES}}))

@@ -19,7 +19,7 @@ from typing import Any
 from nnssl.errors import NnsslError
 
 BUILTIN_MODULES: tuple[str, ...] = ("nnssl.methods.ijepa_builder", "nnssl.methods.mae", "nnssl.methods.mae_primus",
-                                    "nnssl.methods.mae_resenc")
+                                    "nnssl.methods.mae_unet")
 ANY_FAMILY = "*"
 
 
@@ -97,8 +97,14 @@ def list_methods() -> list[MethodEntry]:
 
 
 def supported_families(method: str) -> list[str]:
+    """The families `method` has builders for ("*" first), in the backbone registry's order (not
+    in import order, which depends on which module a program imported first)."""
+    from nnssl.models.registry import list_families
+
     _load_builtins()
-    return [family for (m, family) in _BUILDERS if m == method]
+    registered = {family for (m, family) in _BUILDERS if m == method}
+    known = [ANY_FAMILY] + [f.name for f in list_families()]
+    return [f for f in known if f in registered] + sorted(registered - set(known))
 
 
 def get_builder(method: str, family: str) -> Builder:

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from nnssl.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from nnssl.models.registry import ModelSettings
 
 
 def class_path(cls: type) -> str:
@@ -141,3 +144,22 @@ class BackboneSpec:
                    input_shape=tuple(d["input_shape"]), channels_kwarg=d.get("channels_kwarg", "input_channels"),
                    classes_kwarg=d.get("classes_kwarg", "num_classes"), shape_kwarg=d.get("shape_kwarg"),
                    extra=dict(d.get("extra") or {}))
+
+
+def conv_unet_problems(settings: ModelSettings, patch_size: tuple[int, ...], name: str, network_class: str,
+                       stride: int) -> list[str]:
+    """What a convolutional U-Net family (ResEnc, PlainConvUNet) cannot build: the Primus-only
+    settings, and crops that are not whole bottleneck cells. The family's checks (`problems`)."""
+    problems = []
+    if settings.patch_embed_size is not None:
+        problems.append(f"model.patch_embed_size={list(settings.patch_embed_size)} is a Primus setting; a {name} "
+                        f"encoder has no patch embedding (its token cell is its total stride {stride}³)")
+    if settings.drop_path_rate:
+        # dynamic-network-architectures' U-Nets have no stochastic-depth argument, so the rate would
+        # be silently ignored; the network that is fine-tuned downstream has none either
+        problems.append(f"model.drop_path_rate={settings.drop_path_rate} is not supported by {name} "
+                        f"({network_class} has no stochastic depth); set it to 0")
+    if len(patch_size) != 3 or any(p < stride or p % stride for p in patch_size):
+        problems.append(f"patch size {tuple(patch_size)} must be a positive multiple of {name}'s total stride "
+                        f"{stride} on every axis (one token per bottleneck cell)")
+    return problems

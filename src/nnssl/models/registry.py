@@ -1,9 +1,9 @@
 """The registry of backbones: every architecture nnssl can pretrain, in one list.
 
 In the style of timm's `register_model`: a backbone family module (`models/primus.py`,
-`models/resenc.py`) registers its family once (`register_family`: how to get JEPA tokens out of
-its networks, its citation, its checks) and every size of it (`register_backbone`: a builder,
-a description, default settings). Trainer names, `nnssl_train --list_trainers`, the method x
+`models/resenc.py`, `models/plainconv.py`) registers its family once (`register_family`: how to
+get JEPA tokens out of its networks, if it can, its citation, its checks) and every size of it
+(`register_backbone`: a builder, a description, default settings). Trainer names, `nnssl_train --list_trainers`, the method x
 backbone test matrix, citations and the model card all read this registry; nothing else lists
 backbones, and an unknown family is an error, never routed as another one.
 
@@ -26,7 +26,7 @@ from nnssl.models.backbone import BackboneSpec
 
 Shape = tuple[int, int, int]
 
-BUILTIN_MODULES: tuple[str, ...] = ("nnssl.models.primus", "nnssl.models.resenc")
+BUILTIN_MODULES: tuple[str, ...] = ("nnssl.models.primus", "nnssl.models.resenc", "nnssl.models.plainconv")
 
 
 class UnknownBackbone(NnsslError):
@@ -164,15 +164,26 @@ def get_backbone(name: str) -> BackboneEntry:
     return entry
 
 
+def _module_rank(fn: Callable[..., Any]) -> int:
+    """Position of the module that defines `fn` in `BUILTIN_MODULES` (others after them). Listings
+    sort by it, as timm's registry keys models by `fn.__module__`: registration order alone
+    depends on which family module a program happens to import first (a test importing
+    `models/resenc.py` before any lookup would move its family ahead of Primus in the docs)."""
+    module = getattr(fn, "__module__", None)
+    return BUILTIN_MODULES.index(module) if module in BUILTIN_MODULES else len(BUILTIN_MODULES)
+
+
 def list_backbones() -> list[BackboneEntry]:
-    """Every registered backbone, in registration order."""
+    """Every registered backbone: the built-in modules' in `BUILTIN_MODULES` order, then any
+    other; within a module in registration order."""
     _load_builtins()
-    return list(_BACKBONES.values())
+    return sorted(_BACKBONES.values(), key=lambda b: _module_rank(b.build))
 
 
 def list_families() -> list[BackboneFamily]:
+    """Every registered family, in the order of `list_backbones`."""
     _load_builtins()
-    return list(_FAMILIES.values())
+    return sorted(_FAMILIES.values(), key=lambda f: _module_rank(f.problems))
 
 
 def nnunet_architecture_plans(spec: BackboneSpec) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
 from torch import nn
 
 from nnssl.errors import InvalidInput
-from nnssl.models.backbone import BackboneSpec, importable_arch_kwargs, plain_arch_kwargs
+from nnssl.models.backbone import BackboneSpec, conv_unet_problems, importable_arch_kwargs, plain_arch_kwargs
 from nnssl.models.registry import BackboneEntry, BackboneFamily, ModelSettings, register_backbone, register_family
 from nnssl.models.sparse_resenc import ResEncTokenEncoder
 
@@ -102,19 +102,7 @@ RESENC_CITATION = {
 
 
 def _problems(settings: ModelSettings, patch_size: tuple[int, int, int]) -> list[str]:
-    problems = []
-    if settings.patch_embed_size is not None:
-        problems.append(f"model.patch_embed_size={list(settings.patch_embed_size)} is a Primus setting; a ResEnc "
-                        f"encoder has no patch embedding (its token cell is its total stride {RESENC_L_STRIDE}³)")
-    if settings.drop_path_rate:
-        # nnU-Net's ResidualEncoderUNet has no stochastic-depth argument, so the rate would be
-        # silently ignored; the network that is fine-tuned downstream has none either
-        problems.append(f"model.drop_path_rate={settings.drop_path_rate} is not supported by ResEnc "
-                        "(ResidualEncoderUNet has no stochastic depth); set it to 0")
-    if len(patch_size) != 3 or any(p < RESENC_L_STRIDE or p % RESENC_L_STRIDE for p in patch_size):
-        problems.append(f"patch size {tuple(patch_size)} must be a positive multiple of ResEnc's total stride "
-                        f"{RESENC_L_STRIDE} on every axis (5 stride-2 stages; one token per bottleneck cell)")
-    return problems
+    return conv_unet_problems(settings, patch_size, "ResEnc", "ResidualEncoderUNet", RESENC_L_STRIDE)
 
 
 def _builder(preset: str):

@@ -219,9 +219,9 @@ def registry_tables() -> dict[str, str]:
                        f"{m.exports} |")
     backbones = ["| tag | family | description |", "|---|---|---|"]
     backbones += [f"| `{b.name}` | {b.family} | {b.description} |" for b in list_backbones()]
-    families = ["| family | networks | token cell |", "|---|---|---|"]
+    families = ["| family | networks | token cell | token encoder (I-JEPA) |", "|---|---|---|---|"]
     from nnssl.models.registry import ModelSettings
 
-    families += [f"| {f.name} | {f.display_name} | {'x'.join(map(str, f.cell_size(ModelSettings())))} voxels |"
-                 for f in list_families()]
+    families += [f"| {f.name} | {f.display_name} | {'x'.join(map(str, f.cell_size(ModelSettings())))} voxels | "
+                 f"{'yes' if f.token_encoder is not None else 'no: I-JEPA refuses it'} |" for f in list_families()]
     return {"methods": "\n".join(methods), "backbones": "\n".join(backbones), "families": "\n".join(families)}
