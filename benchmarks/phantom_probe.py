@@ -1,25 +1,25 @@
-"""Does CPU I-JEPA pretraining beat random init on the phantom probe? Margins over training seeds.
+"""Does a pretraining recipe help? The dense-v1 protocol and a volume probe, over training seeds.
 
-Pretrains the registry's Tiny I-JEPA (`IJEPATrainer_Tiny_P32`) in memory
-(`nnssl.training.in_memory`) on MR phantoms (isotropic 1 mm, fixed orientation, four key-organ
-shapes), once per training seed, and probes the exported (EMA teacher) encoder on a separate,
-freshly seeded phantom set with `nnssl.evaluation.probe.volume_probe` (5 stratified half/half
-splits, standardised features, C = 0.1) on the centre crop, for each read-out:
+A recipe is a trainer name (any registered method and backbone, e.g. `IJEPATrainer_Tiny_P32_BS8`),
+`--set` overrides and a step count. For every training seed it pretrains in memory with the
+trainer's own step (`nnssl.api.Pretrainer`) on a phantom corpus (MR, 1 mm isotropic, fixed
+orientation, 48 mm field of view, four key-organ shapes; `--corpus paired` adds the paired twin
+organs of the dense task), then probes the exported encoder (I-JEPA: the EMA teacher) on a
+protocol labeled set (`nnssl.evaluation.protocol`; documentation/evaluation.md):
 
-- `mean`: the final tokens' mean (nnssl_evaluate's default `-pooling mean`);
-- `layers`: every depth mean-pooled and concatenated (`-pooling layers`).
+- **dense**: balanced accuracy over the two twin labels that only context tells apart, read out
+  from every depth on 8³ cells (the protocol's headline);
+- **volume**: accuracy of the key-organ shape from every depth mean-pooled, on the same cases and
+  splits.
 
-The reference is the same architecture at random init, one per `--random_seeds`; the margin of
-a training seed is its accuracy minus the mean random-init accuracy with the same read-out.
-Prints one JSON object. Training seeds run in `--jobs` processes of one thread each.
+Each against the same architecture at random init (the protocol's ten seeds), so a margin is
+pretrained minus the random mean; the verdict is the protocol's: at least five training seeds
+and the worst one at +5 points. `--set_name search` is where recipe choices are made; `test`
+only confirms a recipe fixed before looking at it. Prints ONE JSON object. Training seeds run
+in `--jobs` processes of `--threads` threads each.
 
-`--dense search` (or `test`) also scores every teacher with the dense-probe protocol
-(`nnssl.evaluation.protocol.dense_probe` on that protocol labeled set, written to
-`--dense_folder` when missing), against `protocol.random_reference`, and adds the protocol's
-verdict. `--paired_organs` pretrains on paired-organ phantoms (the dense task's anatomy).
-
-    .venv/bin/python benchmarks/phantom_probe.py --seeds 0 1 2 3 4 --probe_volumes 480
-    .venv/bin/python benchmarks/phantom_probe.py --seeds 0 1 2 3 4 --dense search --dense_folder /tmp/dense_sets
+    python benchmarks/phantom_probe.py --trainer IJEPATrainer_Tiny_P32_BS8_lr0.001 --steps 4500 \\
+        --set ijepa.sigreg_weight=0.05 --set_name search --sets_folder /tmp/protocol_sets
 """
 
 from __future__ import annotations
@@ -29,165 +29,122 @@ import json
 import multiprocessing
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-TRAINER = "IJEPATrainer_Tiny_P32"
-PATCH = 32
-_DATA: dict[str, np.ndarray] = {}  # set before the pool forks; read by the workers
+SIDE = 48  # the protocol sets' field of view (voxels at 1 mm)
+_DATA: dict[str, Any] = {}  # set before the pool forks; read by the workers
 
 
-def volumes(num: int, seed: int, side: int, key_organ_scale: float,
-            paired_organs: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """[n, 1, side³] z-scored MR phantoms and their class labels."""
+def corpus(num: int, seed: int, paired_organs: bool, key_organ_scale: float) -> np.ndarray:
+    """[n, 1, 48³] z-scored MR phantoms: the pretraining volumes (their seed never a protocol set's)."""
     from nnssl.data.phantoms import PhantomConfig, make_phantom
-    from nnssl.evaluation.labeled import centre_crop_or_pad
     from nnssl.preprocessing import steps
 
-    config = PhantomConfig(num_volumes=num, shape=(side,) * 3, modality="MR", anisotropic=False,
+    config = PhantomConfig(num_volumes=num, shape=(SIDE,) * 3, modality="MR", anisotropic=False,
                            random_orientation=False, num_classes=4, key_organ_scale=key_organ_scale, seed=seed,
                            paired_organs=paired_organs)
-    images, labels = [], []
-    for i in range(num):
-        phantom = make_phantom(i, config)
-        image, _ = steps.zscore_normalize(phantom.image[None])
-        images.append(centre_crop_or_pad(image, (side,) * 3))
-        labels.append(phantom.class_label)
-    return np.stack(images).astype(np.float32), np.array(labels)
+    return np.stack([steps.zscore_normalize(make_phantom(i, config).image[None])[0] for i in range(num)]
+                    ).astype(np.float32)
 
 
-def features(encoder, crops) -> dict[str, np.ndarray]:
-    """Both read-outs from one pass: the last E columns of `layers` are the final tokens' mean."""
+def train_one(seed: int) -> tuple[int, dict[str, Any], float]:
+    """Pretrain one seed of the recipe and probe its encoder (in a worker process)."""
     import torch
 
-    layers = torch.cat([encoder.layer_pooled(crops[i:i + 16]) for i in range(0, len(crops), 16)]).numpy()
-    return {"mean": layers[:, -encoder.embed_dim:], "layers": layers}
+    from nnssl.api import Pretrainer
+    from nnssl.evaluation.protocol import dense_probe
 
-
-def _probe_crops():
-    import torch
-
-    from nnssl.evaluation.labeled import centre_crop_or_pad
-
-    return torch.from_numpy(np.stack([centre_crop_or_pad(v, (PATCH,) * 3) for v in _DATA["probe"]]))
-
-
-def train_one(args: tuple[int, int, bool, dict, str | None]) -> tuple[int, dict[str, np.ndarray], float, dict | None]:
-    from nnssl.export.features import PretrainedEncoder
-    from nnssl.training.in_memory import pretrain_in_memory
-
-    seed, steps, student, overrides, dense_folder = args
+    torch.set_num_threads(_DATA["threads"])
+    config = _DATA["config"]
     start = time.perf_counter()
-    method = pretrain_in_memory(_DATA["pretrain"], TRAINER, steps, batch_size=8, seed=seed, threads=1,
-                                overrides=overrides)
+    pre = Pretrainer(config, config.patch_size, config.batch_size, seed=seed)
+    encoder = pre.fit(_DATA["corpus"], _DATA["steps"])
     seconds = time.perf_counter() - start
-    teacher = PretrainedEncoder(method.teacher.primus, method.backbone)
-    print(f"seed {seed}: {steps} steps in {seconds:.0f} s", file=sys.stderr, flush=True)
-    feats = features(teacher, _probe_crops())
-    if student:  # the context encoder, which is not exported: for comparison only
-        feats.update({f"student_{k}": v for k, v in
-                      features(PretrainedEncoder(method.student.primus, method.backbone), _probe_crops()).items()})
-    dense = None
-    if dense_folder is not None:
-        from nnssl.evaluation.protocol import dense_probe
+    print(f"seed {seed}: {_DATA['steps']} steps in {seconds:.0f} s", file=sys.stderr, flush=True)
+    return seed, dense_probe(encoder, _DATA["labeled"]), seconds
 
-        dense = dense_probe(teacher, dense_folder)
-    return seed, feats, seconds, dense
+
+def _scores(trained: list[tuple[int, dict[str, Any], float]], key: str) -> dict[int, float]:
+    return {s: float(r[key]) for s, r, _ in trained}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="training seeds")
-    p.add_argument("--random_seeds", type=int, nargs="+", default=[0, 1, 2], help="random-init references")
+    p.add_argument("--trainer", default="IJEPATrainer_Tiny_P32_BS8_lr0.001",
+                   help="trainer name with its crop and batch (_P<N>_BS<N>), e.g. MAETrainer_Tiny_P32_BS8")
+    p.add_argument("--set", nargs="*", default=[], metavar="PATH=VALUE",
+                   help="training-config overrides, e.g. ijepa.sigreg_weight=0.05 optim.peak_lr=1e-3")
     p.add_argument("--steps", type=int, default=4500)
-    p.add_argument("--pretrain_volumes", type=int, default=256)
-    p.add_argument("--pretrain_seed", type=int, default=100)
-    p.add_argument("--probe_volumes", type=int, default=480)
-    p.add_argument("--probe_seed", type=int, default=600, help="a seed no earlier search has looked at")
-    p.add_argument("--side", type=int, default=48, help="phantom field of view (voxels at 1 mm)")
-    p.add_argument("--key_organ_scale", type=float, default=1.5)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="training seeds")
+    p.add_argument("--corpus", choices=("paired", "plain"), default="paired",
+                   help="pretraining phantoms with (paired) or without the paired twin organs")
+    p.add_argument("--corpus_volumes", type=int, default=256)
+    p.add_argument("--corpus_seed", type=int, default=100)
+    p.add_argument("--key_organ_scale", type=float, default=1.0, help="of the corpus (the protocol sets use 1)")
+    p.add_argument("--set_name", choices=("search", "test"), default="search",
+                   help="the protocol labeled set (test: only to confirm a recipe fixed on search)")
+    p.add_argument("--sets_folder", default=None, help="where the protocol's labeled sets are (or are written)")
+    p.add_argument("--labeled", default=None,
+                   help="instead of a protocol set: this labeled folder (cases.json with context_labels; e.g. a "
+                        "small one for a smoke run; no verdict is a protocol verdict then)")
+    p.add_argument("--random_seeds", type=int, nargs="+", default=None, help="default: the protocol's ten")
     p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--student", action="store_true", help="also probe the (not exported) student encoder")
-    p.add_argument("--paired_organs", action="store_true", help="pretrain on paired-organ phantoms")
-    p.add_argument("--dense", choices=("search", "test"), default=None,
-                   help="also score the teachers with the dense-probe protocol on this labeled set (test: only to "
-                        "confirm a recipe fixed on search)")
-    p.add_argument("--dense_folder", default=None, help="where the protocol's labeled sets are (or are written)")
-    p.add_argument("--dense_labeled", default=None,
-                   help="instead of --dense: score the teachers on this labeled folder (cases.json with "
-                        "context_labels; not a protocol set, e.g. a small one for a smoke run)")
-    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
-                   help="training-config overrides, e.g. optim.peak_lr=1e-3 ijepa.ema_start=0.998 (values parsed as JSON)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per training job")
     args = p.parse_args()
 
-    import torch
-
-    from nnssl.evaluation.probe import ProbeConfig, case_splits, volume_probe
+    from nnssl.evaluation.protocol import (RANDOM_SEEDS, identify_labeled_set, random_reference, verdict,
+                                           write_protocol_set)
     from nnssl.export.features import random_encoder_like
+    from nnssl.methods.factory import build_method
     from nnssl.settings import parse_assignments
     from nnssl.training.names import resolve_config
 
     overrides = parse_assignments(args.set)
+    config = resolve_config(args.trainer, overrides=overrides)
+    if config.patch_size is None or config.batch_size is None:
+        p.error(f"{args.trainer} needs a crop and a batch size in its name (_P<N>_BS<N>) or in --set")
     start = time.perf_counter()
-    dense_folder = args.dense_labeled
-    if args.dense and args.dense_labeled:
-        p.error("--dense and --dense_labeled exclude each other")
-    if args.dense:
-        from pathlib import Path
-
-        from nnssl.evaluation.protocol import identify_labeled_set, write_protocol_set
-
-        if args.dense_folder is None:
-            p.error("--dense needs --dense_folder (where the protocol's labeled set is or is written)")
-        dense_folder = str(Path(args.dense_folder) / args.dense)
-        if identify_labeled_set(dense_folder) != args.dense:
-            write_protocol_set(args.dense, dense_folder, num_processes=args.jobs)
-    _DATA["pretrain"], _ = volumes(args.pretrain_volumes, args.pretrain_seed, args.side, args.key_organ_scale,
-                                   args.paired_organs)
-    _DATA["probe"], labels = volumes(args.probe_volumes, args.probe_seed, args.side, args.key_organ_scale)
-    print(f"phantoms in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    if args.labeled:
+        labeled = args.labeled
+    else:
+        if args.sets_folder is None:
+            p.error("--sets_folder is needed (where the protocol's labeled set is or is written), or --labeled")
+        labeled = str(Path(args.sets_folder) / args.set_name)
+        if identify_labeled_set(labeled) != args.set_name:
+            write_protocol_set(args.set_name, labeled, num_processes=args.jobs)
+    _DATA.update(config=config, steps=args.steps, threads=args.threads, labeled=labeled,
+                 corpus=corpus(args.corpus_volumes, args.corpus_seed, args.corpus == "paired", args.key_organ_scale))
+    print(f"corpus and labeled set in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
-        trained = pool.map(train_one, [(s, args.steps, args.student, overrides, dense_folder) for s in args.seeds],
-                           chunksize=1)
+        trained = pool.map(train_one, args.seeds, chunksize=1)
 
-    torch.set_num_threads(2)
-    from nnssl.methods.factory import build_method
+    import torch
 
-    spec = build_method(resolve_config(TRAINER)).backbone
-    crops = _probe_crops()
-    random = {s: features(random_encoder_like(spec, seed=s), crops) for s in args.random_seeds}
-    config = ProbeConfig(fractions=(1.0,))
-    splits = case_splits(len(labels), labels, config)
-
-    def accuracy(feats: np.ndarray) -> float:
-        return float(volume_probe(feats, labels, splits, config)["accuracy"])
-
-    result = {"trainer": TRAINER, "steps": args.steps, "batch_size": 8, "pretrain_volumes": args.pretrain_volumes,
-              "probe_volumes": args.probe_volumes, "probe_seed": args.probe_seed, "side": args.side,
-              "key_organ_scale": args.key_organ_scale, "overrides": overrides, "classes": 4, "chance": 0.25,
-              "paired_organs": args.paired_organs,
-              "train_seconds": {s: round(t, 1) for s, _, t, _ in trained}, "readouts": {}}
-    for readout in next(iter(trained))[1]:
-        ref = [accuracy(random[s][readout.removeprefix("student_")]) for s in args.random_seeds]
-        pre = {s: accuracy(f[readout]) for s, f, _, _ in trained}
-        margins = {s: a - float(np.mean(ref)) for s, a in pre.items()}
-        result["readouts"][readout] = {
-            "random_init": [round(a, 4) for a in ref], "random_mean": round(float(np.mean(ref)), 4),
-            "pretrained": {s: round(a, 4) for s, a in pre.items()},
-            "margin": {s: round(m, 4) for s, m in margins.items()},
-            "margin_mean": round(float(np.mean(list(margins.values()))), 4),
-            "margin_min": round(min(margins.values()), 4),
-            "seeds_at_or_above_5_points": sum(m >= 0.05 for m in margins.values()),
-        }
-    if dense_folder is not None:
-        from nnssl.evaluation.protocol import random_reference, verdict
-        from nnssl.export.features import random_encoder_like
-
-        reference = random_reference(random_encoder_like(spec, seed=0), dense_folder)
-        scores = {s: d["balanced_accuracy"] for s, _, _, d in trained}
-        result["dense"] = {"labeled_set": args.dense or dense_folder, "random_init": reference,
-                           "pretrained": {s: round(v, 4) for s, v in scores.items()},
-                           "verdict": verdict(scores, reference["mean"])}
+    torch.set_num_threads(max(1, args.jobs * args.threads))
+    spec = build_method(config).backbone
+    seeds = tuple(args.random_seeds) if args.random_seeds else RANDOM_SEEDS
+    reference = random_reference(random_encoder_like(spec, seed=0), labeled, seeds=seeds)
+    dense = _scores(trained, "balanced_accuracy")
+    result: dict[str, Any] = {
+        "trainer": args.trainer, "overrides": overrides, "steps": args.steps, "seeds": args.seeds,
+        "corpus": {"kind": args.corpus, "volumes": args.corpus_volumes, "seed": args.corpus_seed,
+                   "key_organ_scale": args.key_organ_scale},
+        "labeled_set": identify_labeled_set(labeled) or labeled,
+        "train_seconds": {s: round(t, 1) for s, _, t in trained},
+        "dense": {"pretrained": {s: round(v, 4) for s, v in dense.items()},
+                  "random_init": [round(v, 4) for v in reference["balanced_accuracy"]],
+                  "verdict": verdict(dense, reference["mean"])},
+        "collapse": {s: {k: round(v, 4) for k, v in r["collapse"].items()} for s, r, _ in trained},
+    }
+    if "volume" in reference:
+        volume = _scores(trained, "volume_accuracy")
+        result["volume"] = {"pretrained": {s: round(v, 4) for s, v in volume.items()},
+                            "random_init": [round(v, 4) for v in reference["volume"]["accuracy"]],
+                            "chance": round(trained[0][1]["volume_chance_accuracy"], 4),
+                            "verdict": verdict(volume, reference["volume"]["mean"])}
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
     print(json.dumps(result, indent=2))
 

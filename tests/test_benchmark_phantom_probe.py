@@ -12,39 +12,37 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "phantom_probe.py"
 
 
-def test_phantom_probe_benchmark_reports_margins_per_seed_and_readout(tmp_path):
-    """Also the dense-probe protocol's scores and verdict (on a small paired-organ set, not a protocol set)."""
+def test_phantom_probe_benchmark_reports_both_probes_per_seed_and_their_verdicts(tmp_path):
+    """On a small paired-organ set (not a protocol set): dense and volume scores of every
+    training seed, the random references, margins that are pretrained minus the reference mean."""
     from nnssl.data.phantom_files import write_phantom_collection
     from nnssl.data.phantoms import PhantomConfig
 
     labeled = tmp_path / "paired"
-    write_phantom_collection(labeled, PhantomConfig(num_volumes=8, shape=(32, 32, 32), modality="MR",
+    write_phantom_collection(labeled, PhantomConfig(num_volumes=8, shape=(48, 48, 48), modality="MR",
                                                     anisotropic=False, random_orientation=False, num_classes=2,
                                                     paired_organs=True, seed=2))
-    done = subprocess.run([sys.executable, str(BENCH), "--seeds", "0", "1", "--random_seeds", "0", "--steps", "3",
-                           "--pretrain_volumes", "8", "--probe_volumes", "16", "--side", "32", "--jobs", "2",
-                           "--set", "optim.peak_lr=0.001", "--paired_organs", "--dense_labeled", str(labeled)],
+    done = subprocess.run([sys.executable, str(BENCH), "--trainer", "IJEPATrainer_Tiny_P32_BS2", "--seeds", "0", "1",
+                           "--random_seeds", "0", "1", "--steps", "3", "--corpus_volumes", "4", "--jobs", "2",
+                           "--set", "ijepa.sigreg_weight=0.05", "--labeled", str(labeled)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
-    dense = result["dense"]
-    assert dense["labeled_set"] == str(labeled) and len(dense["random_init"]["balanced_accuracy"]) == 10
-    assert dense["verdict"]["helps"] is None  # two training seeds: too few for a verdict
-    for seed in ("0", "1"):
-        assert dense["verdict"]["margins"][seed] == pytest.approx(
-            dense["pretrained"][seed] - dense["random_init"]["mean"], abs=2e-4)
-    assert result["overrides"] == {"optim.peak_lr": 0.001} and result["probe_volumes"] == 16
-    assert set(result["readouts"]) == {"mean", "layers"}
-    for readout in result["readouts"].values():
-        assert set(readout["pretrained"]) == {"0", "1"} and len(readout["random_init"]) == 1
-        for seed, accuracy in readout["pretrained"].items():
-            assert readout["margin"][seed] == pytest.approx(accuracy - readout["random_mean"], abs=2e-4)
-        assert readout["margin_min"] == min(readout["margin"].values())
+    assert result["overrides"] == {"ijepa.sigreg_weight": 0.05} and result["labeled_set"] == str(labeled)
+    for probe in ("dense", "volume"):
+        entry = result[probe]
+        assert set(entry["pretrained"]) == {"0", "1"} and len(entry["random_init"]) == 2
+        reference = sum(entry["random_init"]) / 2
+        assert entry["verdict"]["helps"] is None  # two training seeds: too few for a verdict
+        for seed, score in entry["pretrained"].items():
+            assert entry["verdict"]["margins"][seed] == pytest.approx(score - reference, abs=1e-3)
+    assert {"token_rankme", "cos_across"} <= set(result["collapse"]["0"])
 
 
-def test_phantom_probe_benchmark_rejects_an_unknown_override():
-    done = subprocess.run([sys.executable, str(BENCH), "--seeds", "0", "--steps", "1", "--pretrain_volumes", "4",
-                           "--probe_volumes", "8", "--side", "32", "--set", "optim.peak_lr=-1"],
+def test_phantom_probe_benchmark_rejects_a_bad_override_or_a_missing_crop():
+    done = subprocess.run([sys.executable, str(BENCH), "--set", "optim.peak_lr=-1", "--labeled", "x"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "peak_lr" in done.stderr
-
+    done = subprocess.run([sys.executable, str(BENCH), "--trainer", "IJEPATrainer_Tiny", "--labeled", "x"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "_P<N>_BS<N>" in done.stderr

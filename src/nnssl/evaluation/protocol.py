@@ -80,9 +80,11 @@ def dense_probe_many(encoders: dict[str, Any], labeled: Any, probe: ProbeConfig 
                      batch_size: int = 8) -> dict[str, dict[str, Any]]:
     """`dense_probe` for several encoders of one input shape in one pass over the cases (each
     volume is prepared once): name -> result."""
+    import torch
+
     from nnssl.evaluation.extract import check_context_splits, extract
     from nnssl.evaluation.labeled import LabeledSet, Preparation, load_labeled_set
-    from nnssl.evaluation.probe import case_splits, context_probe
+    from nnssl.evaluation.probe import case_splits, collapse_statistics, context_probe, volume_probe
 
     if not isinstance(labeled, LabeledSet):
         labeled = load_labeled_set(labeled)
@@ -96,14 +98,22 @@ def dense_probe_many(encoders: dict[str, Any], labeled: Any, probe: ProbeConfig 
     which = identify_labeled_set(labeled.folder)
     out = {}
     for name, feats in ex.features.items():
-        result = context_probe(feats.stacked()["context"], ex.context_labels, ex.context_cases, splits, probe)
+        arrays = feats.stacked()
+        result = context_probe(arrays["context"], ex.context_labels, ex.context_cases, splits, probe)
         out[name] = {"protocol": PROTOCOL, "labeled_set": which or str(labeled.folder),
                      "balanced_accuracy": result["balanced_accuracy"],
                      "balanced_accuracy_std": result["balanced_accuracy_std"],
                      "balanced_accuracy_per_split": result["learning_curve"][-1]["balanced_accuracy_per_split"],
                      "chance_balanced_accuracy": result["chance_balanced_accuracy"],
                      "token_label_counts": result["token_label_counts"], "num_cases": len(labeled.cases),
-                     "readout": probe.token_readout, "num_features": result["num_features"]}
+                     "readout": probe.token_readout, "num_features": result["num_features"],
+                     "collapse": collapse_statistics(torch.from_numpy(arrays["pooled"]),
+                                                     torch.from_numpy(arrays["tokens"]), probe.max_rankme_tokens,
+                                                     probe.seed)}
+        if labeled.has_class_labels:  # the volume probe on the same cases and splits (read-out `probe.pooling`)
+            volume = volume_probe(arrays["pooled"], labeled.class_labels(), splits, probe)
+            out[name]["volume_accuracy"] = volume["accuracy"]
+            out[name]["volume_chance_accuracy"] = volume["chance_accuracy"]
     return out
 
 
@@ -123,8 +133,13 @@ def random_reference(encoder: Any, labeled: Any, seeds: tuple[int, ...] = RANDOM
     results = dense_probe_many({str(s): random_encoder_like(encoder, seed=s) for s in seeds}, labeled, probe,
                                batch_size)
     scores = [results[str(s)]["balanced_accuracy"] for s in seeds]
-    return {"seeds": list(seeds), "balanced_accuracy": scores, "mean": float(np.mean(scores)),
-            "std": float(np.std(scores)), "spread": float(max(scores) - min(scores))}
+    out = {"seeds": list(seeds), "balanced_accuracy": scores, "mean": float(np.mean(scores)),
+           "std": float(np.std(scores)), "spread": float(max(scores) - min(scores))}
+    if "volume_accuracy" in results[str(seeds[0])]:
+        volume = [results[str(s)]["volume_accuracy"] for s in seeds]
+        out["volume"] = {"accuracy": volume, "mean": float(np.mean(volume)), "std": float(np.std(volume)),
+                         "spread": float(max(volume) - min(volume))}
+    return out
 
 
 def verdict(pretrained: dict[int, float], reference: float, required_margin: float = REQUIRED_MARGIN,
