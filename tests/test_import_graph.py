@@ -13,7 +13,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # lower index = earlier in the pipeline; a module may import its own layer and the ones before it
 LAYERS = [
-    {"nnssl", "nnssl.errors", "nnssl.log", "nnssl.io_utils", "nnssl.paths", "nnssl.settings", "nnssl.workers"},
+    {"nnssl", "nnssl.errors", "nnssl.log", "nnssl.io_utils", "nnssl.paths", "nnssl.settings", "nnssl.workers",
+     "nnssl.registry"},
     {"nnssl.data"},
     {"nnssl.planning"},
     {"nnssl.preprocessing"},

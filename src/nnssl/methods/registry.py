@@ -11,12 +11,12 @@ lookup imports `BUILTIN_MODULES` (documentation/extending.md says how to add one
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from nnssl.errors import NnsslError
+from nnssl.registry import Registry
 
 BUILTIN_MODULES: tuple[str, ...] = ("nnssl.methods.ijepa_builder", "nnssl.methods.mae", "nnssl.methods.mae_primus",
                                     "nnssl.methods.mae_unet")
@@ -53,18 +53,12 @@ class MethodEntry:
 # A builder: (config, backbone entry, input channels) -> the method module (random init).
 Builder = Callable[[Any, Any, int], Any]
 
-_METHODS: dict[str, MethodEntry] = {}
+_METHODS: Registry[MethodEntry] = Registry("method", BUILTIN_MODULES, UnknownMethod)
 _BUILDERS: dict[tuple[str, str], Builder] = {}
-_loaded = False
 
 
 def register_method(entry: MethodEntry) -> MethodEntry:
-    if entry.name in _METHODS and _METHODS[entry.name] != entry:
-        raise ValueError(f"method {entry.name!r} is registered twice")
-    if "_" in entry.name:
-        raise ValueError(f"method name {entry.name!r} must not contain '_' (trainer names split on it)")
-    _METHODS[entry.name] = entry
-    return entry
+    return _METHODS.add(entry.name, entry)
 
 
 def register_builder(method: str, family: str) -> Callable[[Builder], Builder]:
@@ -75,25 +69,13 @@ def register_builder(method: str, family: str) -> Callable[[Builder], Builder]:
     return wrap
 
 
-def _load_builtins() -> None:
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        for module in BUILTIN_MODULES:
-            importlib.import_module(module)
-
-
 def get_method(name: str) -> MethodEntry:
-    _load_builtins()
-    if name not in _METHODS:
-        raise UnknownMethod(f"unknown method {name!r}; registered: {', '.join(_METHODS)}")
-    return _METHODS[name]
+    return _METHODS.get(name)
 
 
 def list_methods() -> list[MethodEntry]:
     """Every registered method, headline first (then in registration order)."""
-    _load_builtins()
-    return sorted(_METHODS.values(), key=lambda m: m.listing_order)
+    return _METHODS.values(order=lambda m: m.listing_order)
 
 
 def supported_families(method: str) -> list[str]:
@@ -101,7 +83,7 @@ def supported_families(method: str) -> list[str]:
     in import order, which depends on which module a program imported first)."""
     from nnssl.models.registry import list_families
 
-    _load_builtins()
+    _METHODS.load()
     registered = {family for (m, family) in _BUILDERS if m == method}
     known = [ANY_FAMILY] + [f.name for f in list_families()]
     return [f for f in known if f in registered] + sorted(registered - set(known))

@@ -3,8 +3,8 @@
 In the style of timm's `register_model`: a backbone family module (`models/primus.py`,
 `models/resenc.py`, `models/plainconv.py`) registers its family once (`register_family`: how to
 get JEPA tokens out of its networks, if it can, its citation, its checks) and every size of it
-(`register_backbone`: a builder, a description, default settings). Trainer names, `nnssl_train --list_trainers`, the method x
-backbone test matrix, citations and the model card all read this registry; nothing else lists
+(`register_backbone`: a builder, a description, default settings). Trainer names,
+`nnssl_train --list_trainers`, the method x backbone test matrix, citations and the model card all read this registry; nothing else lists
 backbones, and an unknown family is an error, never routed as another one.
 
 Nothing is registered at import time of this module: the first lookup imports the built-in
@@ -14,7 +14,6 @@ plus its name in `BUILTIN_MODULES` (documentation/extending.md).
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -23,6 +22,7 @@ from torch import nn
 
 from nnssl.errors import InvalidInput, NnsslError
 from nnssl.models.backbone import BackboneSpec
+from nnssl.registry import Registry
 
 Shape = tuple[int, int, int]
 
@@ -119,71 +119,39 @@ class BackboneEntry:
         return self.family_entry.cell_size(settings)
 
 
-_FAMILIES: dict[str, BackboneFamily] = {}
-_BACKBONES: dict[str, BackboneEntry] = {}
-_loaded = False
+_FAMILIES: Registry[BackboneFamily] = Registry("backbone family", BUILTIN_MODULES, UnknownBackbone)
+_BACKBONES: Registry[BackboneEntry] = Registry("backbone", BUILTIN_MODULES, UnknownBackbone)
 
 
 def register_family(family: BackboneFamily) -> BackboneFamily:
-    if family.name in _FAMILIES and _FAMILIES[family.name] != family:
-        raise ValueError(f"backbone family {family.name!r} is registered twice")
-    _FAMILIES[family.name] = family
-    return family
+    return _FAMILIES.add(family.name, family)
 
 
 def register_backbone(entry: BackboneEntry) -> BackboneEntry:
-    if entry.name in _BACKBONES and _BACKBONES[entry.name] != entry:
-        raise ValueError(f"backbone {entry.name!r} is registered twice")
-    if "_" in entry.name:
-        raise ValueError(f"backbone name {entry.name!r} must not contain '_' (trainer names split on it)")
-    _BACKBONES[entry.name] = entry
-    return entry
-
-
-def _load_builtins() -> None:
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        for module in BUILTIN_MODULES:
-            importlib.import_module(module)
+    return _BACKBONES.add(entry.name, entry)
 
 
 def get_family(name: str) -> BackboneFamily:
-    _load_builtins()
-    if name not in _FAMILIES:
-        raise UnknownBackbone(f"unknown backbone family {name!r}; registered: {', '.join(sorted(_FAMILIES))}")
-    return _FAMILIES[name]
+    _BACKBONES.load()
+    return _FAMILIES.get(name)
 
 
 def get_backbone(name: str) -> BackboneEntry:
-    _load_builtins()
-    if name not in _BACKBONES:
-        raise UnknownBackbone(f"unknown backbone {name!r}; registered: {', '.join(_BACKBONES)}")
-    entry = _BACKBONES[name]
+    entry = _BACKBONES.get(name)
     get_family(entry.family)  # a backbone of an unregistered family is an error, not a guess
     return entry
-
-
-def _module_rank(fn: Callable[..., Any]) -> int:
-    """Position of the module that defines `fn` in `BUILTIN_MODULES` (others after them). Listings
-    sort by it, as timm's registry keys models by `fn.__module__`: registration order alone
-    depends on which family module a program happens to import first (a test importing
-    `models/resenc.py` before any lookup would move its family ahead of Primus in the docs)."""
-    module = getattr(fn, "__module__", None)
-    return BUILTIN_MODULES.index(module) if module in BUILTIN_MODULES else len(BUILTIN_MODULES)
 
 
 def list_backbones() -> list[BackboneEntry]:
     """Every registered backbone: the built-in modules' in `BUILTIN_MODULES` order, then any
     other; within a module in registration order."""
-    _load_builtins()
-    return sorted(_BACKBONES.values(), key=lambda b: _module_rank(b.build))
+    return _BACKBONES.values(order=lambda b: _BACKBONES.rank(getattr(b.build, "__module__", None)))
 
 
 def list_families() -> list[BackboneFamily]:
     """Every registered family, in the order of `list_backbones`."""
-    _load_builtins()
-    return sorted(_FAMILIES.values(), key=lambda f: _module_rank(f.problems))
+    _BACKBONES.load()
+    return _FAMILIES.values(order=lambda f: _FAMILIES.rank(getattr(f.problems, "__module__", None)))
 
 
 def nnunet_architecture_plans(spec: BackboneSpec) -> dict[str, Any]:
