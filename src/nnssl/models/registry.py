@@ -4,8 +4,9 @@ In the style of timm's `register_model`: a backbone family module (`models/primu
 `models/resenc.py`, `models/plainconv.py`) registers its family once (`register_family`: how to
 get JEPA tokens out of its networks, if it can, its citation, its checks) and every size of it
 (`register_backbone`: a builder, a description, default settings). Trainer names,
-`nnssl_train --list_trainers`, the method x backbone test matrix, citations and the model card all read this registry; nothing else lists
-backbones, and an unknown family is an error, never routed as another one.
+`nnssl_train --list_trainers`, the method x backbone test matrix, citations and the model card
+all read this registry; nothing else lists backbones, and an unknown family is an error, never
+routed as another one.
 
 Nothing is registered at import time of this module: the first lookup imports the built-in
 family modules (`BUILTIN_MODULES`). Adding a family = one new module that registers itself,
