@@ -6,7 +6,10 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from nnssl.cli.common import add_verbose, make_parser, run_cli
+from nnssl.cli.common import add_shape, add_verbose, make_parser, positive_int, reject_flag, run_cli
+
+# -n is a name in nnssl, as in nnU-Net (nnssl_create_dataset -n NAME); counts have long flags
+RENAMED_N = "in nnssl, as in nnU-Net, -n is a name; the number of volumes is --num_volumes N"
 
 
 def format_summary(path: Path, summary: dict) -> str:
@@ -65,9 +68,10 @@ def build_phantoms_parser() -> argparse.ArgumentParser:
                     "derivatives/labels, cases.json with class labels); with -d and --name also create the "
                     "dataset from it.")
     p.add_argument("-o", dest="out_dir", type=Path, required=True, help="output folder (empty or earlier phantoms)")
-    p.add_argument("-n", dest="num_volumes", type=int, default=20, help="number of volumes")
-    p.add_argument("--shape", type=int, nargs=3, default=(64, 64, 64), metavar=("Z", "Y", "X"),
-                   help="voxels at 1 mm (the field of view in mm); other spacings get round(fov/spacing) voxels")
+    p.add_argument("--num_volumes", type=positive_int, default=20, help="number of volumes")
+    reject_flag(p, "-n", RENAMED_N + " (the dataset name that goes with -d is --name)")
+    add_shape(p, (64, 64, 64), "voxels at 1 mm (the field of view in mm); other spacings get round(fov/spacing) "
+                               "voxels")
     p.add_argument("--modality", choices=("MR", "CT", "mixed"), default="mixed", help="image kind")
     p.add_argument("--num_classes", type=int, default=2,
                    help="number of key-organ shapes (1-4: sphere, cuboid, rod, pair) = class labels")
