@@ -67,10 +67,11 @@ class _LoggedProgress:
     log file still says how far a day-long run has come."""
 
     def __init__(self, iterable=None, total: int | None = None, desc: str | None = None,  # type: ignore[no-untyped-def]
-                 unit: str = "it", interval: float = PROGRESS_LOG_SECONDS) -> None:
+                 unit: str = "it", interval: float | None = None) -> None:
         import time
 
-        self.iterable, self.desc, self.unit, self.interval = iterable, desc or "progress", unit, interval
+        self.iterable, self.desc, self.unit = iterable, desc or "progress", unit
+        self.interval = PROGRESS_LOG_SECONDS if interval is None else interval
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             total = len(iterable)
         self.total, self.n = total, 0
