@@ -36,8 +36,12 @@ def build_create_parser() -> argparse.ArgumentParser:
     p = make_parser("nnssl_create_dataset",
                     "Write $nnssl_raw/DatasetXXX_NAME/pretrain_data.json describing a BIDS tree or a flat folder "
                     "of images. Images are not copied. See documentation/creating_a_dataset.md.")
-    p.add_argument("-i", dest="source", type=Path, required=True,
-                   help="folder with the images: a BIDS dataset, a folder of BIDS datasets, or a flat folder")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("-i", dest="source", type=Path,
+                        help="folder with the images: a BIDS dataset, a folder of BIDS datasets, or a flat folder")
+    source.add_argument("--openmind", type=Path, default=None, metavar="DIR",
+                        help="the OpenMind download folder (openneuro_metadata.csv and OpenMind/); see "
+                             "documentation/openmind.md")
     p.add_argument("-d", dest="dataset_id", type=int, required=True, help="dataset id (0-999)")
     p.add_argument("-n", dest="name", required=True, help="dataset name (letters, digits, '_' and '-')")
     p.add_argument("--layout", choices=("auto", "bids", "flat"), default="auto",
@@ -45,6 +49,10 @@ def build_create_parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", default=None,
                    help="modality of every image of a flat folder (e.g. T1w, ct); default: the file name's "
                         "suffix when known, else 'unknown'")
+    p.add_argument("--max_iqs", type=float, default=None,
+                   help="with --openmind: leave out images whose image_quality_score is above this (or missing); "
+                        "lower is better. To keep every image and filter per run instead: nnssl_train --set "
+                        "loader.max_iqs=X")
     p.add_argument("--overwrite", action="store_true", help="replace an existing pretrain_data.json")
     add_verbose(p)
     return p
@@ -52,6 +60,21 @@ def build_create_parser() -> argparse.ArgumentParser:
 
 def create_dataset_main(argv: Sequence[str] | None = None) -> int:
     def body(args: argparse.Namespace) -> int:
+        from nnssl.errors import NnsslError
+
+        if args.openmind is not None:
+            from nnssl.data.openmind import create_openmind_dataset
+
+            if args.layout != "auto" or args.modality is not None:
+                raise NnsslError("--layout and --modality describe -i folders; OpenMind's table gives both")
+            path, collection, left_out = create_openmind_dataset(args.openmind, args.dataset_id, args.name,
+                                                                 args.overwrite, args.max_iqs)
+            print(format_summary(path, collection.summary()))
+            if args.max_iqs is not None:
+                print(f"  left out     {left_out} image(s) with an image_quality_score above {args.max_iqs} or none")
+            return 0
+        if args.max_iqs is not None:
+            raise NnsslError("--max_iqs filters OpenMind's quality scores: it goes with --openmind")
         from nnssl.data.builders import create_dataset
 
         path, collection = create_dataset(args.source, args.dataset_id, args.name, layout=args.layout,

@@ -32,6 +32,7 @@ from typing import Any
 
 from nnssl import paths
 from nnssl.data.collection import AssociatedMasks, Collection, FlatImage, portable_path
+from nnssl.data.openmind import INVERTED_KEY
 from nnssl.errors import NnsslError
 from nnssl.io_utils import write_json
 from nnssl.log import get_logger, progress
@@ -56,6 +57,8 @@ class PreprocessOutcome:
     stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     peak_worker_rss_mb: float = 0.0
     peak_parent_rss_mb: float = 0.0
+    mask_warnings: int = 0  # cases whose anatomy mask seems to mark the background
+    mask_warning_examples: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -71,7 +74,9 @@ class PreprocessOutcome:
                 "failed": len(self.failures), "failures": self.failures, "seconds": round(self.seconds, 2),
                 "seconds_per_stage": {k: round(v, 2) for k, v in self.stage_seconds.items()},
                 "peak_worker_rss_mb": round(self.peak_worker_rss_mb, 1),
-                "peak_parent_rss_mb": round(self.peak_parent_rss_mb, 1)}
+                "peak_parent_rss_mb": round(self.peak_parent_rss_mb, 1),
+                "anatomy_masks_marking_background": self.mask_warnings,
+                "anatomy_masks_marking_background_examples": self.mask_warning_examples}
 
 
 def case_stem(output_root: Path, collection: Collection, img: FlatImage) -> Path:
@@ -96,13 +101,14 @@ def _jobs(collection: Collection, plans: Plans, configuration: str, output_root:
             failures.append({"image_id": img.image_id, "path": img.entry.image_path, "reason": str(e)})
             continue
         modality = img.entry.modality or "unknown"
+        declared = img.entry.associated_masks.extra.get(INVERTED_KEY) if img.entry.associated_masks else None
         yield CaseJob(
             image_id=img.image_id, image=image, stem=str(case_stem(output_root, collection, img)),
             plan_hash=plan_hash, transpose_forward=tuple(plans.transpose_forward),
             spacing=tuple(config.spacing) if config.spacing else None, patch_size=tuple(config.patch_size),
             resampling_method=config.resampling_fn_data_kwargs.get("method", "scipy_nnunet"),
             normalization=plans.normalization_per_modality.get(modality, {"scheme": "ZScoreNormalization"}),
-            masks={k: str(v) if v else None for k, v in masks.items()})
+            masks={k: str(v) if v else None for k, v in masks.items()}, invert_anatomy_mask=declared is True)
 
 
 DEFAULT_PLANS = "nnsslPlans"
@@ -200,6 +206,12 @@ def preprocess(dataset: str | int, configurations: tuple[str, ...] = ("onemmiso"
     return outcomes
 
 
+MASK_FIX = ("Patches meant to be centred on anatomy would be centred on air. If these masks hold 1 outside the "
+            "anatomy (OpenMind's fb_mask files do), mark them with \"anatomy_mask_inverted\": true in their "
+            "associated_masks (nnssl_create_dataset --openmind does), then preprocess again with "
+            "--delete_preprocessed_data")
+
+
 def _collect(results: Iterable[dict[str, Any]], outcome: PreprocessOutcome) -> None:
     """Fold results into the outcome as they arrive; the bar shows cases/s and the ETA, and its
     last state (the overall rate) stays on the terminal."""
@@ -213,6 +225,15 @@ def _collect(results: Iterable[dict[str, Any]], outcome: PreprocessOutcome) -> N
         for stage, seconds in result["seconds"].items():
             outcome.stage_seconds[stage] += seconds
         outcome.peak_worker_rss_mb = max(outcome.peak_worker_rss_mb, result["peak_rss_mb"])
+        if "warning" in result:
+            outcome.mask_warnings += 1
+            if len(outcome.mask_warning_examples) < 20:
+                outcome.mask_warning_examples.append(result["warning"])
+            if outcome.mask_warnings == 1:
+                logger.warning("%s. %s", result["warning"], MASK_FIX)
+    if outcome.mask_warnings:
+        logger.warning("%s: %d case(s) have an anatomy mask that seems to mark the background (listed in the "
+                       "report). %s", outcome.configuration, outcome.mask_warnings, MASK_FIX)
 
 
 FINGERPRINT = "dataset_fingerprint.json"
