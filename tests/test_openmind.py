@@ -176,3 +176,10 @@ def test_quality_filter_and_background_masks_through_preprocessing_and_training(
     assert json.loads((pre / "splits_final.json").read_text())  # the split covers every subject
     with pytest.raises(NnsslError, match="leaves no training case"):
         load_data(options, seed=0, max_iqs=1.0)
+
+
+def test_reference_iqs_trainer_names_name_the_setting():
+    from nnssl.training.names import UnknownTrainer, resolve_config
+
+    with pytest.raises(UnknownTrainer, match=r"-tr BaseMAETrainer_BS8 --set loader\.max_iqs=2\.5 "):
+        resolve_config("BaseMAETrainer_BS8_IQS2_5")
