@@ -50,6 +50,8 @@ def test_cli_end_to_end_writes_every_file(dataset, capsys):
     assert arr.dtype == np.float32 and list(arr.shape[1:]) == props["shape_after_resampling"]
     assert storage.open_array(cases[0].anatomy_mask).dtype == np.uint8
     assert "6 preprocessed" in capsys.readouterr().out
+    report = json.loads((pre / "preprocessing_report__onemmiso.json").read_text())
+    assert report["anatomy_masks_marking_background"] == 0  # MR and CT phantoms' body masks pass the check
 
 
 def test_masks_are_never_swapped(dataset):
