@@ -72,14 +72,10 @@ def test_openmind_download_folder_becomes_a_collection(nnssl_roots, capsys):
             for session in subject["sessions"].values():
                 assert all(set(image) <= REFERENCE_IMAGE_KEYS for image in session["images"])
 
-    # --max_iqs leaves out what the reference's filter would (score above it, or none)
+    # the filter keeps what the reference's would (score at most the threshold)
     kept, above, unscored = select_by_iqs(collection, 2.5)
     expected = sum(1 for r in rows if r["image_quality_score"] and float(r["image_quality_score"]) <= 2.5)
-    assert len(kept) == expected and above + unscored == ROWS - expected
-    assert create_dataset_main(["--openmind", str(root), "-d", "745", "-n", "OpenMind", "--overwrite",
-                                "--max_iqs", "2.5"]) == 0
-    assert f"left out     {ROWS - expected} image(s)" in capsys.readouterr().out
-    assert Collection.load(path).num_images() == expected
+    assert len(kept) == expected and above + unscored == ROWS - expected and unscored > 0
 
 
 def test_openmind_table_problems_are_listed_with_their_lines(nnssl_roots, capsys):
@@ -160,6 +156,11 @@ def test_quality_filter_and_background_masks_through_preprocessing_and_training(
     report = json.loads((pre / "preprocessing_report__onemmiso.json").read_text())
     assert report["anatomy_masks_marking_background"] == len(with_mask)
     assert "seems to mark the background" in report["anatomy_masks_marking_background_examples"][0]
+
+    # converting with --max_iqs leaves the others out of pretrain_data.json
+    assert create_dataset_main(["--openmind", str(root), "-d", "747", "-n", "OMgood", "--max_iqs", "2.5"]) == 0
+    assert "left out     4 image(s)" in capsys.readouterr().out  # 2 T2w above 2.5, 2 FLAIR without a score
+    assert Collection.load(nnssl_roots.raw / "Dataset747_OMgood" / "pretrain_data.json").num_images() == 7
 
     # training keeps the images scored at most loader.max_iqs (the reference's `score <= X`)
     config = resolve_config("IJEPATrainer", None, parse_assignments(["loader.max_iqs=2.5"]))
