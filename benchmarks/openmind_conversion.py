@@ -27,8 +27,8 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -67,7 +67,8 @@ def _rows(num_rows: int, rng: np.random.Generator):
                         suffix = "dwi" if modality == "DWI" else modality
                         path = f"{base}/{folder}/{prefix}_{suffix}.nii.gz"
                     stem = path[: -len(".nii.gz")]
-                    masks = (f"{stem}__Data/fb_mask.nii.gz", f"{stem}__Data/deface_mask.nii.gz") if with_masks else ("", "")
+                    masks = ((f"{stem}__Data/fb_mask.nii.gz", f"{stem}__Data/deface_mask.nii.gz") if with_masks
+                             else ("", ""))
                     key = (modality, derived_from)
                     if key not in scores:
                         scores[key] = "" if rng.random() < 0.1 else f"{rng.integers(2, 11) / 2:.1f}"

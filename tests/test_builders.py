@@ -190,8 +190,8 @@ def test_create_dataset_cli(nnssl_roots, tmp_path, capsys):
 
 def test_generate_phantoms_cli_creates_dataset(nnssl_roots, capsys):
     out = nnssl_roots.raw / "Dataset030_Phantoms" / "bids"
-    code = generate_phantoms_main(["-o", str(out), "--num_volumes", "4", "--shape", "16", "16", "16", "--modality", "CT",
-                                   "-d", "30", "--name", "Phantoms"])
+    code = generate_phantoms_main(["-o", str(out), "--num_volumes", "4", "--shape", "16", "16", "16",
+                                   "--modality", "CT", "-d", "30", "--name", "Phantoms"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "wrote 4 phantoms" in printed and "images       4" in printed

@@ -105,7 +105,7 @@ class _LoggedProgress:
     def close(self) -> None:
         pass
 
-    def __enter__(self) -> "_LoggedProgress":
+    def __enter__(self) -> _LoggedProgress:
         return self
 
     def __exit__(self, *exc: object) -> None:

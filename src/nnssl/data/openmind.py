@@ -13,7 +13,7 @@ folder (two maps of one image must not share a name); the subject fields of the 
 first row; the image fields, and per dataset the image-quality score of each (modality,
 derived_from) group in `dataset_info["image_quality_score"]`, where the reference's IQS filter
 reads it. Beyond the reference, each image's own score and `unique_id` are in its `image_info`,
-and its anatomy mask is marked `anatomy_mask_inverted` (see `FB_MASK_MARKS_BACKGROUND`).
+and its anatomy mask is marked `anatomy_mask_inverted` (see `INVERTED_KEY`).
 
 The CSV is read row by row with the csv module; the collection (not the CSV) is what stays in
 memory, about 3 kB per image (documentation/openmind.md has the measured time and memory).
@@ -46,9 +46,8 @@ KNOWN_COLUMNS = frozenset({*REQUIRED_COLUMNS, "anat_mask_path", "anon_mask_path"
                            *SUBJECT_FIELDS, *IMAGE_FIELDS})
 DEFAULT_SESSION = "ses-DEFAULT"
 # OpenMind's anatomy masks (`fb_mask`, foreground/background) hold 1 outside the anatomy: the
-# reference's loader samples anatomy where the mask is 0 (`1 - anat`). Preprocessing turns a
-# mask marked `anatomy_mask_inverted` into the 1-is-anatomy convention of this format.
-FB_MASK_MARKS_BACKGROUND = True
+# reference's loader samples anatomy where the mask is 0 (`1 - anat`). Every one is marked with
+# this key; preprocessing turns a marked mask into the 1-is-anatomy convention of this format.
 INVERTED_KEY = "anatomy_mask_inverted"
 # cells pandas reads as missing (the reference converter used pandas)
 _MISSING = frozenset({"", "n/a", "N/A", "NA", "nan", "NaN", "-nan", "-NaN", "null", "NULL", "None", "<NA>", "#N/A"})
@@ -161,7 +160,7 @@ def collection_from_openmind(root: Path, collection_index: int, collection_name:
             anat, anon = (parse_cell(row.get(c)) for c in ("anat_mask_path", "anon_mask_path"))
             masks = AssociatedMasks(anatomy_mask=stored(anat) if isinstance(anat, str) else None,
                                     anonymization_mask=stored(anon) if isinstance(anon, str) else None)
-            if masks.anatomy_mask is not None and FB_MASK_MARKS_BACKGROUND:
+            if masks.anatomy_mask is not None:
                 masks.extra[INVERTED_KEY] = True
             dataset = collection.datasets.get(dataset_key)
             if dataset is None:
