@@ -190,8 +190,8 @@ def test_create_dataset_cli(nnssl_roots, tmp_path, capsys):
 
 def test_generate_phantoms_cli_creates_dataset(nnssl_roots, capsys):
     out = nnssl_roots.raw / "Dataset030_Phantoms" / "bids"
-    code = generate_phantoms_main(["-o", str(out), "-n", "4", "--shape", "16", "16", "16", "--modality", "CT",
-                                   "-d", "30", "--name", "Phantoms"])
+    code = generate_phantoms_main(["-o", str(out), "--num_volumes", "4", "--shape", "16", "16", "16",
+                                   "--modality", "CT", "-d", "30", "--name", "Phantoms"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "wrote 4 phantoms" in printed and "images       4" in printed
@@ -202,5 +202,8 @@ def test_generate_phantoms_cli_creates_dataset(nnssl_roots, capsys):
     assert all(f.anatomy_mask_path().name.endswith("_ct_anatmask.nii.gz") for f in images)
     assert all(f.entry.associated_masks.anonymization_mask is None for f in images)
     assert collection.datasets["bids"].subjects["sub-001"].subject_info["class_label"] in (0, 1)
-    assert generate_phantoms_main(["-o", str(out), "-n", "4", "-d", "30"]) == 2  # --name missing
+    assert generate_phantoms_main(["-o", str(out), "--num_volumes", "4", "-d", "30"]) == 2  # --name missing
     assert "--name" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # -n is a name in nnssl and nnU-Net; the count has its own flag
+        generate_phantoms_main(["-o", str(out), "-n", "4"])
+    assert "--num_volumes" in capsys.readouterr().err

@@ -290,9 +290,11 @@ def test_evaluate_protocol_fixes_the_probe_and_refuses_overrides(tmp_path, paire
 
 def test_generate_phantoms_paired_and_protocol_set_flags(tmp_path, capsys):
     out = tmp_path / "paired"
-    assert generate_phantoms_main(["-o", str(out), "-n", "4", "--shape", "24", "24", "24", "--paired_organs"]) == 0
+    assert generate_phantoms_main(["-o", str(out), "--num_volumes", "4", "--shape", "24", "24", "24",
+                                   "--paired_organs"]) == 0
     assert read_json(out / "cases.json")["context_labels"] == list(CONTEXT_LABELS)
     assert read_json(out / "dataset_description.json")["nnssl_phantom_config"]["paired_organs"] is True
-    assert generate_phantoms_main(["-o", str(tmp_path / "p"), "--protocol_set", "test", "--seed", "3", "-n", "4"]) == 2
+    assert generate_phantoms_main(["-o", str(tmp_path / "p"), "--protocol_set", "test", "--seed", "3",
+                                   "--num_volumes", "4"]) == 2
     err = capsys.readouterr().err
-    assert "--protocol_set test fixes" in err and "-n" in err and "--seed" in err
+    assert "--protocol_set test fixes" in err and "--num_volumes" in err and "--seed" in err

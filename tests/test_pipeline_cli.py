@@ -32,7 +32,7 @@ def test_pipeline_through_the_commands(tmp_path):
     bids, labeled = tmp_path / "bids", tmp_path / "labeled"
     gen = [sys.executable, "-c", "from nnssl.cli.dataset import generate_phantoms_main as m; raise SystemExit(m())"]
     for out, n, seed in ((bids, "8", "0"), (labeled, "16", "1")):
-        done = subprocess.run([*gen, "-o", str(out), "-n", n, "--shape", "40", "40", "40", "--seed", seed],
+        done = subprocess.run([*gen, "-o", str(out), "--num_volumes", n, "--shape", "40", "40", "40", "--seed", seed],
                               env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
     create = [sys.executable, "-c", "from nnssl.cli.dataset import create_dataset_main as m; raise SystemExit(m())"]

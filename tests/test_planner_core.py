@@ -57,7 +57,7 @@ def test_ct_clip_and_dataset_zscore_is_an_explicit_plan_choice(tmp_path, monkeyp
     from nnssl.preprocessing import runner
 
     seen = []
-    monkeypatch.setattr(runner, "plan_and_save", lambda d, ct: seen.append((d, ct)) or tmp_path / "p.json")
+    monkeypatch.setattr(runner, "plan_and_save", lambda d, ct, plans: seen.append((d, ct)) or tmp_path / "p.json")
     assert cli.plan_experiment_main(["-d", "1", "-ct_norm", "CTNormalization"]) == 0
     assert cli.plan_experiment_main(["-d", "2"]) == 0
     assert seen == [("1", "CTNormalization"), ("2", "ZScoreNormalization")]

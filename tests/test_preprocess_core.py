@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -49,6 +50,8 @@ def test_cli_end_to_end_writes_every_file(dataset, capsys):
     assert arr.dtype == np.float32 and list(arr.shape[1:]) == props["shape_after_resampling"]
     assert storage.open_array(cases[0].anatomy_mask).dtype == np.uint8
     assert "6 preprocessed" in capsys.readouterr().out
+    report = json.loads((pre / "preprocessing_report__onemmiso.json").read_text())
+    assert report["anatomy_masks_marking_background"] == 0  # MR and CT phantoms' body masks pass the check
 
 
 def test_masks_are_never_swapped(dataset):
@@ -127,10 +130,78 @@ def test_shards_cover_every_case_without_overlap(dataset, capsys):
     assert preprocess_main(["-d", "40", "-part", "2", "-total_parts", "2"]) == 2
 
 
-def test_clean_starts_over(dataset):
-    roots, _, _ = dataset
+def test_clean_redoes_the_fingerprint_and_only_the_explicit_flag_deletes(dataset, capsys, caplog):
+    """`--clean` means nnU-Net's "extract the fingerprint again"; deleting arrays takes
+    `--delete_preprocessed_data`, which names what it deleted and keeps plans and splits."""
+    roots, path, _ = dataset
+    logger = logging.getLogger("nnssl")  # does not propagate to caplog's root handler: listen on it
+    logger.addHandler(caplog.handler)
+    try:
+        _clean_and_delete(roots, path, capsys, caplog)
+    finally:
+        logger.removeHandler(caplog.handler)
+
+
+def _clean_and_delete(roots, path, capsys, caplog):
+    from nnssl.cli.preprocess import extract_fingerprint_main
+    from nnssl.data.collection import Collection
+
+    pre = _pre(roots)
     assert plan_and_preprocess_main(["-d", "40", "-np", "1", "-npfp", "1"]) == 0
-    marker = _pre(roots) / "stale.txt"
-    marker.write_text("x")
-    assert plan_and_preprocess_main(["-d", "40", "-np", "1", "-npfp", "1", "--clean"]) == 0
-    assert not marker.exists()
+    fingerprint = pre / "dataset_fingerprint.json"
+    fingerprint.write_text(fingerprint.read_text().replace('"num_failed"', '"marker": 1, "num_failed"'))
+    (pre / "nnsslPlans_custom.json").write_text((pre / "nnsslPlans.json").read_text())
+    (pre / "splits_final.json").write_text('{"train": [], "val": []}')
+    arrays = sorted((pre / "nnsslPlans_onemmiso").rglob("*.b2nd"))
+    assert plan_and_preprocess_main(["-d", "40", "-np", "1", "-npfp", "1"]) == 0
+    assert '"marker"' in fingerprint.read_text()  # reused, as in nnU-Net
+    assert "6 already complete" in capsys.readouterr().out
+    assert extract_fingerprint_main(["-d", "40", "--clean", "-np", "1"]) == 0
+    assert '"marker"' not in fingerprint.read_text() and "wrote" in capsys.readouterr().out
+
+    # a fingerprint that no longer matches pretrain_data.json is not reused silently
+    collection = Collection.load(path)
+    dataset_entry = next(iter(collection.datasets.values()))
+    dataset_entry.subjects.pop(sorted(dataset_entry.subjects)[0])
+    collection.save(path)
+    assert plan_and_preprocess_main(["-d", "40", "-np", "1", "-npfp", "1", "--no_pp"]) == 2
+    assert "out of date" in capsys.readouterr().err
+    assert plan_and_preprocess_main(["-d", "40", "-np", "1", "-npfp", "1", "--no_pp", "--clean"]) == 0
+
+    # a hand-edited plans file is kept as .previous when re-planning replaces it
+    plans = json.loads((pre / "nnsslPlans.json").read_text())
+    plans["configurations"]["onemmiso"]["patch_size"] = [16, 16, 16]
+    (pre / "nnsslPlans.json").write_text(json.dumps(plans))
+    assert plan_and_preprocess_main(["-d", "40", "--no_pp", "-npfp", "1"]) == 0
+    previous = json.loads((pre / "nnsslPlans.json.previous").read_text())
+    assert previous["configurations"]["onemmiso"]["patch_size"] == [16, 16, 16]
+    assert "configurations.onemmiso.patch_size" in caplog.text
+
+    assert preprocess_main(["-d", "40", "-np", "1", "--delete_preprocessed_data"]) == 0
+    assert "5 preprocessed, 0 already complete" in capsys.readouterr().out
+    assert f"deleted {pre / 'nnsslPlans_onemmiso'}/ ({3 * 6} files" in caplog.text  # 6 cases: image, mask, json
+    assert len(arrays) == 12 and (pre / "nnsslPlans_custom.json").is_file() and (pre / "splits_final.json").is_file()
+    assert preprocess_main(["-d", "40", "--delete_preprocessed_data", "-part", "0", "-total_parts", "2"]) == 2
+    assert "other parts' work" in capsys.readouterr().err
+
+
+def test_reference_planner_flags(dataset, capsys):
+    """`-pl`, `-np` per configuration and `-overwrite_plans_name` as nnU-Net users type them."""
+    roots, _, _ = dataset
+    pre = _pre(roots)
+    assert plan_and_preprocess_main(["-d", "40", "-c", "onemmiso", "noresample", "-np", "1", "1", "-npfp", "1",
+                                     "-pl", "ExperimentPlanner", "-overwrite_plans_name", "nnsslPlans_zs"]) == 0
+    plans = json.loads((pre / "nnsslPlans_zs.json").read_text())
+    assert plans["plans_name"] == "nnsslPlans_zs" and not (pre / "nnsslPlans.json").exists()
+    assert {c["data_identifier"] for c in plans["configurations"].values()} == {
+        "nnsslPlans_zs_onemmiso", "nnsslPlans_zs_median", "nnsslPlans_zs_noresample"}
+    assert len(load_cases(pre / "pretrain_data__nnsslPlans_zs_noresample.json")) == 6
+    assert preprocess_main(["-d", "40", "-c", "onemmiso", "median", "-np", "1", "2", "3"]) == 2
+    assert "one per configuration (-c onemmiso median: 2 values)" in capsys.readouterr().err
+    for flag, value, equivalent in (("-pl", "nnUNetPlannerResEncL", "_ResEncL"),
+                                    ("-gpu_memory_target", "24", "_GA4"),
+                                    ("-overwrite_target_spacing", "1 1 3", "-c"),
+                                    ("-preprocessor_name", "Mine", "-ct_norm")):
+        with pytest.raises(SystemExit):
+            plan_and_preprocess_main(["-d", "40", flag, *value.split()])
+        assert equivalent in capsys.readouterr().err

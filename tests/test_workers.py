@@ -40,7 +40,8 @@ def test_a_dying_worker_is_an_error_naming_the_jobs_in_flight():
         list(pool.imap(os._exit, [3], 2, describe=lambda code: f"case-{code}"))
 
 
-def test_report_has_stage_seconds_and_memory_and_the_bar_shows_rate_and_eta(nnssl_roots, capsys):
+def test_report_has_stage_seconds_and_memory_and_the_bar_shows_rate_and_eta(nnssl_roots, capsys, monkeypatch):
+    monkeypatch.setattr("nnssl.log.progress_bars_enabled", lambda stream=None: True)  # as on a terminal
     bids = nnssl_roots.raw / "Dataset041_Pool" / "bids"
     write_phantom_collection(bids, PhantomConfig(num_volumes=4, shape=(24, 24, 24)))
     create_dataset(bids, 41, "Pool")

@@ -255,7 +255,7 @@ def _preprocess(config: DemoConfig, dataset: str, roots: dict[str, Path]) -> str
     from nnssl.preprocessing.runner import plan_and_preprocess
 
     outcomes = plan_and_preprocess([dataset], configurations=("onemmiso",), num_processes=config.num_processes,
-                                   num_processes_fingerprint=config.num_processes)
+                                   num_processes_fingerprint=config.num_processes, clean=True)  # phantoms are new
     failed = [f for o in outcomes for f in o.failures]
     if failed:
         raise NnsslError(f"demo preprocessing failed for {len(failed)} cases: {failed[:3]}")

@@ -6,7 +6,10 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from nnssl.cli.common import add_verbose, make_parser, run_cli
+from nnssl.cli.common import add_shape, add_verbose, make_parser, positive_int, reject_flag, run_cli
+
+# -n is a name in nnssl, as in nnU-Net (nnssl_create_dataset -n NAME); counts have long flags
+RENAMED_N = "in nnssl, as in nnU-Net, -n is a name; the number of volumes is --num_volumes N"
 
 
 def format_summary(path: Path, summary: dict) -> str:
@@ -33,8 +36,12 @@ def build_create_parser() -> argparse.ArgumentParser:
     p = make_parser("nnssl_create_dataset",
                     "Write $nnssl_raw/DatasetXXX_NAME/pretrain_data.json describing a BIDS tree or a flat folder "
                     "of images. Images are not copied. See documentation/creating_a_dataset.md.")
-    p.add_argument("-i", dest="source", type=Path, required=True,
-                   help="folder with the images: a BIDS dataset, a folder of BIDS datasets, or a flat folder")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("-i", dest="source", type=Path,
+                        help="folder with the images: a BIDS dataset, a folder of BIDS datasets, or a flat folder")
+    source.add_argument("--openmind", type=Path, default=None, metavar="DIR",
+                        help="the OpenMind download folder (openneuro_metadata.csv and OpenMind/); see "
+                             "documentation/openmind.md")
     p.add_argument("-d", dest="dataset_id", type=int, required=True, help="dataset id (0-999)")
     p.add_argument("-n", dest="name", required=True, help="dataset name (letters, digits, '_' and '-')")
     p.add_argument("--layout", choices=("auto", "bids", "flat"), default="auto",
@@ -42,6 +49,10 @@ def build_create_parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", default=None,
                    help="modality of every image of a flat folder (e.g. T1w, ct); default: the file name's "
                         "suffix when known, else 'unknown'")
+    p.add_argument("--max_iqs", type=float, default=None,
+                   help="with --openmind: leave out images whose image_quality_score is above this (or missing); "
+                        "lower is better. To keep every image and filter per run instead: nnssl_train --set "
+                        "loader.max_iqs=X")
     p.add_argument("--overwrite", action="store_true", help="replace an existing pretrain_data.json")
     add_verbose(p)
     return p
@@ -49,6 +60,21 @@ def build_create_parser() -> argparse.ArgumentParser:
 
 def create_dataset_main(argv: Sequence[str] | None = None) -> int:
     def body(args: argparse.Namespace) -> int:
+        from nnssl.errors import NnsslError
+
+        if args.openmind is not None:
+            from nnssl.data.openmind import create_openmind_dataset
+
+            if args.layout != "auto" or args.modality is not None:
+                raise NnsslError("--layout and --modality describe -i folders; OpenMind's table gives both")
+            path, collection, left_out = create_openmind_dataset(args.openmind, args.dataset_id, args.name,
+                                                                 args.overwrite, args.max_iqs)
+            print(format_summary(path, collection.summary()))
+            if args.max_iqs is not None:
+                print(f"  left out     {left_out} image(s) with an image_quality_score above {args.max_iqs} or none")
+            return 0
+        if args.max_iqs is not None:
+            raise NnsslError("--max_iqs filters OpenMind's quality scores: it goes with --openmind")
         from nnssl.data.builders import create_dataset
 
         path, collection = create_dataset(args.source, args.dataset_id, args.name, layout=args.layout,
@@ -65,9 +91,10 @@ def build_phantoms_parser() -> argparse.ArgumentParser:
                     "derivatives/labels, cases.json with class labels); with -d and --name also create the "
                     "dataset from it.")
     p.add_argument("-o", dest="out_dir", type=Path, required=True, help="output folder (empty or earlier phantoms)")
-    p.add_argument("-n", dest="num_volumes", type=int, default=20, help="number of volumes")
-    p.add_argument("--shape", type=int, nargs=3, default=(64, 64, 64), metavar=("Z", "Y", "X"),
-                   help="voxels at 1 mm (the field of view in mm); other spacings get round(fov/spacing) voxels")
+    p.add_argument("--num_volumes", type=positive_int, default=20, help="number of volumes")
+    reject_flag(p, "-n", RENAMED_N + " (the dataset name that goes with -d is --name)")
+    add_shape(p, (64, 64, 64), "voxels at 1 mm (the field of view in mm); other spacings get round(fov/spacing) "
+                               "voxels")
     p.add_argument("--modality", choices=("MR", "CT", "mixed"), default="mixed", help="image kind")
     p.add_argument("--num_classes", type=int, default=2,
                    help="number of key-organ shapes (1-4: sphere, cuboid, rod, pair) = class labels")

@@ -11,7 +11,8 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from nnssl.cli.common import add_verbose, make_parser, run_cli
+from nnssl.cli.common import add_shape, add_verbose, make_parser, reject_flag, run_cli
+from nnssl.cli.dataset import RENAMED_N
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,10 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=d.max_steps,
                    help="training steps when the budget allows that many (the probe margin was measured at "
                         f"{d.max_steps})")
-    p.add_argument("-n", "--num_volumes", type=int, default=d.num_volumes, help="number of phantom volumes to pretrain on")
+    p.add_argument("--num_volumes", type=int, default=d.num_volumes, help="number of phantom volumes to pretrain on")
+    reject_flag(p, "-n", RENAMED_N)
     p.add_argument("--eval_volumes", type=int, default=d.eval_volumes, help="number of labeled phantoms for the probe")
-    p.add_argument("--shape", type=int, nargs=3, default=d.shape, metavar=("X", "Y", "Z"),
-                   help="phantom field of view in mm (voxels at 1 mm)")
+    add_shape(p, d.shape, "phantom field of view in mm (voxels at 1 mm)")
     p.add_argument("--patch", type=int, default=d.patch_size, help="pretraining patch size (cubic, multiple of 8)")
     p.add_argument("--batch", type=int, default=d.batch_size, help="pretraining batch size")
     p.add_argument("-d", "--dataset", default=None,

@@ -16,14 +16,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from nnssl.cli.common import add_verbose, make_parser, run_cli
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+from nnssl.cli.common import DEVICE_HELP, add_verbose, device, make_parser, positive_int, run_cli
 
 
 def _non_negative_int(text: str) -> int:
@@ -31,20 +24,6 @@ def _non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
-
-
-def _device(text: str) -> str:
-    import torch
-
-    try:
-        device = torch.device(text)
-    except RuntimeError as e:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device ({e}); use cpu, cuda, cuda:1 or mps")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: no CUDA device is available here; use -device cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: MPS is not available here; use -device cpu")
-    return text
 
 
 # the probe settings `-protocol dense` fixes (nnssl.evaluation.protocol.DENSE_PROBE)
@@ -63,9 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", type=Path, default=None, dest="output",
                    help="output folder for evaluation.json and evaluation.png (default: evaluation/ next to "
                         "the checkpoint)")
-    p.add_argument("-device", type=_device, default="cpu", help="torch device for feature extraction (cpu, cuda, cuda:1, mps)")
-    p.add_argument("-batch_size", type=_positive_int, default=4, help="volumes per forward pass")
-    p.add_argument("-num_splits", type=_positive_int, default=d.num_splits,
+    p.add_argument("-device", type=device, default="cpu", help=f"torch device for feature extraction: {DEVICE_HELP}")
+    p.add_argument("-batch_size", type=positive_int, default=4, help="volumes per forward pass")
+    p.add_argument("-num_splits", type=positive_int, default=d.num_splits,
                    help="seeded train/test splits by case; reported numbers are their mean")
     p.add_argument("-test_fraction", type=float, default=d.test_fraction, help="share of cases held out per split")
     p.add_argument("-C", type=float, default=d.C, dest="C",
@@ -83,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-probe_cell", type=_non_negative_int, default=d.probe_cell,
                    help="token and context probes label cells of this many voxels per side (e.g. 8 for a ResEnc, "
                         "whose tokens are 32^3); 0 = the encoder's own token grid")
-    p.add_argument("-max_tokens_per_case", type=_positive_int, default=d.max_tokens_per_case,
+    p.add_argument("-max_tokens_per_case", type=positive_int, default=d.max_tokens_per_case,
                    help="token probe: token positions kept per case (seeded subset, same for every case); also the "
                         "most context tokens per case. Bounds memory: cases x this x features x 4 bytes per encoder")
     p.add_argument("--no_baselines", action="store_true",

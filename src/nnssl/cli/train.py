@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from nnssl.cli.common import add_verbose, make_parser, run_cli
+from nnssl.cli.common import add_verbose, device, make_parser, run_cli
 
 EXIT_STOPPED = 3
 
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from checkpoint_latest.pth of this run (exact resume)")
     p.add_argument("-pretrained_weights", type=Path, default=None,
                    help="warm-start the encoder from an nnssl checkpoint (network_weights)")
-    p.add_argument("-device", default=None,
+    p.add_argument("-device", type=device, default=None,
                    help="cuda, cuda:N (one process), cpu or mps (default: cuda when available, else cpu)")
     p.add_argument("-np", type=int, default=None, dest="num_workers",
                    help="data loader worker processes per GPU (default: one per CPU core, at most 12)")

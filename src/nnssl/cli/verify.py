@@ -9,20 +9,13 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from nnssl.cli.common import add_verbose, make_parser, run_cli
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+from nnssl.cli.common import add_verbose, make_parser, positive_int, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = make_parser("nnssl_verify_dataset", __doc__)
     p.add_argument("-d", required=True, dest="dataset", help="dataset id (745) or name (Dataset745_X)")
-    p.add_argument("-np", type=_positive_int, default=4, dest="num_processes", help="worker processes")
+    p.add_argument("-np", type=positive_int, default=4, dest="num_processes", help="worker processes")
     p.add_argument("-o", type=Path, default=None, dest="output",
                    help="JSON report path (default: $nnssl_raw/DatasetXXX_Name/integrity_report.json)")
     add_verbose(p)

@@ -298,6 +298,28 @@ def _check_dataset_id(dataset_id: int, folder_name: str) -> None:
                          f"choose another id or reuse that name")
 
 
+def dataset_target(dataset_id: int, name: str, overwrite: bool) -> tuple[str, Path]:
+    """(DatasetXXX_Name, its pretrain_data.json path), refusing to replace the file without
+    `overwrite` and to reuse an id another dataset has."""
+    folder_name = paths.dataset_folder_name(dataset_id, name)
+    target = paths.nnssl_raw() / folder_name / "pretrain_data.json"
+    if target.exists() and not overwrite:
+        raise NnsslError(f"{target} already exists; pass --overwrite to replace it")
+    _check_dataset_id(int(dataset_id), folder_name)
+    return folder_name, target
+
+
+def save_checked(collection: Collection, target: Path, source: Path) -> None:
+    """Validate `collection` (files included) and write it to `target`."""
+    problems = collection.validate(check_files=True)
+    if problems:
+        raise InvalidInput(f"{collection.collection_name}: the collection built from {source} has problems:",
+                           [str(p) for p in problems])
+    collection.source = str(target)
+    collection.save(target)
+    logger.debug("wrote %s", target)
+
+
 def create_dataset(source: Path, dataset_id: int, name: str, layout: str = "auto", modality: str | None = None,
                    overwrite: bool = False) -> tuple[Path, Collection]:
     """Write $nnssl_raw/DatasetXXX_Name/pretrain_data.json describing the images under `source`."""
@@ -306,11 +328,7 @@ def create_dataset(source: Path, dataset_id: int, name: str, layout: str = "auto
         raise NnsslError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if not source.is_dir():
         raise NnsslError(f"{source} is not a folder; pass the folder holding the images (-i)")
-    folder_name = paths.dataset_folder_name(dataset_id, name)
-    target = paths.nnssl_raw() / folder_name / "pretrain_data.json"
-    if target.exists() and not overwrite:
-        raise NnsslError(f"{target} already exists; pass --overwrite to replace it")
-    _check_dataset_id(int(dataset_id), folder_name)
+    folder_name, target = dataset_target(dataset_id, name, overwrite)
     chosen = detect_layout(source) if layout == "auto" else layout
     if chosen == "bids":
         if modality is not None:
@@ -324,11 +342,5 @@ def create_dataset(source: Path, dataset_id: int, name: str, layout: str = "auto
                 else "image files directly in the folder")
         raise NnsslError(f"no images found in {source} (layout {chosen}: expected {hint} with one of the "
                          f"extensions {', '.join(SUPPORTED_EXTENSIONS)})")
-    problems = collection.validate(check_files=True)
-    if problems:
-        raise InvalidInput(f"{folder_name}: the collection built from {source} has problems:",
-                           [str(p) for p in problems])
-    collection.source = str(target)
-    collection.save(target)
-    logger.debug("wrote %s", target)
+    save_checked(collection, target, source)
     return target, collection

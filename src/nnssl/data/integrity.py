@@ -11,7 +11,7 @@ worker process dying inside the image library) becomes an issue for that image.
 from __future__ import annotations
 
 import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from nnssl.data.collection import Collection, FlatImage
 from nnssl.data.imageio import ImageHeader, ImageReadError, geometry_mismatch, header_problems, read_header
 from nnssl.errors import InvalidInput, MissingEnvironmentVariable
 from nnssl.io_utils import write_json
-from nnssl.log import get_logger
+from nnssl.log import get_logger, progress
 
 logger = get_logger(__name__)
 
@@ -127,6 +127,13 @@ def _crash_finding(job: _Job) -> list[_Finding]:
              "another tool, re-export or remove them")]
 
 
+def _counted(items: list, bar) -> Any:  # type: ignore[no-untyped-def]
+    """`items`, advancing `bar` after each (the single-process path of `_run_jobs`)."""
+    for item in items:
+        yield item
+        bar.update(1)
+
+
 def _run_jobs(jobs: list[_Job], num_processes: int) -> list[list[_Finding]]:
     """Findings per job, in order, using `num_processes` worker processes.
 
@@ -135,22 +142,24 @@ def _run_jobs(jobs: list[_Job], num_processes: int) -> list[list[_Finding]]:
     worker dies, the unfinished jobs are re-run one at a time in a fresh single-worker pool, so
     the crash is pinned on the one image that causes it and all others are still checked.
     """
-    if num_processes <= 1 or len(jobs) <= 1:
-        return _check_chunk(jobs)
-    context = multiprocessing.get_context("fork")
-    results: list[list[_Finding] | None] = [None] * len(jobs)
-    size = max(1, min(64, len(jobs) // (4 * num_processes)))
-    starts = range(0, len(jobs), size)
-    try:
-        with ProcessPoolExecutor(max_workers=num_processes, mp_context=context) as pool:
-            futures = [(s, pool.submit(_check_chunk, jobs[s:s + size])) for s in starts]
-            for start, future in futures:
-                try:
-                    results[start:start + size] = future.result()
-                except Exception:  # BrokenProcessPool: left as None, isolated below
-                    pass
-    except Exception:  # shutting down a broken pool can raise too; the Nones say what is left
-        pass
+    with progress(total=len(jobs), desc="integrity check", unit="img") as bar:
+        if num_processes <= 1 or len(jobs) <= 1:
+            return [_check_image(job) for job in _counted(jobs, bar)]
+        context = multiprocessing.get_context("fork")
+        results: list[list[_Finding] | None] = [None] * len(jobs)
+        size = max(1, min(64, len(jobs) // (4 * num_processes)))
+        try:
+            with ProcessPoolExecutor(max_workers=num_processes, mp_context=context) as pool:
+                futures = {pool.submit(_check_chunk, jobs[s:s + size]): s for s in range(0, len(jobs), size)}
+                for future in as_completed(futures):
+                    start = futures[future]
+                    try:
+                        results[start:start + size] = future.result()
+                    except Exception:  # BrokenProcessPool: left as None, isolated below
+                        pass
+                    bar.update(len(jobs[start:start + size]))
+        except Exception:  # shutting down a broken pool can raise too; the Nones say what is left
+            pass
     left = [i for i, r in enumerate(results) if r is None]
     if left:
         logger.warning("a worker process died; re-checking %d images one at a time", len(left))

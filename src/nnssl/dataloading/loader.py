@@ -16,6 +16,7 @@ detection (naming the signal) and shutdown when the iterator is dropped. What it
 
 from __future__ import annotations
 
+import math
 import os
 import traceback
 from dataclasses import dataclass, field
@@ -54,11 +55,18 @@ class LoaderSettings:
     rest of `LoaderConfig` is geometry (from the plans) or run options (workers)."""
 
     foreground_probability: float = FOREGROUND_PROBABILITY
+    # train only on images whose image-quality score is at most this (OpenMind's score, lower is
+    # better; the reference's _IQS<X> trainers); images without a score are left out. None: all
+    max_iqs: float | None = None
 
     def __post_init__(self) -> None:
+        problems = []
         if not 0.0 <= self.foreground_probability <= 1.0:
-            raise InvalidInput("invalid loader settings:",
-                               [f"foreground_probability must be in [0, 1], got {self.foreground_probability}"])
+            problems.append(f"foreground_probability must be in [0, 1], got {self.foreground_probability}")
+        if self.max_iqs is not None and not math.isfinite(self.max_iqs):
+            problems.append(f"max_iqs must be a finite number or null, got {self.max_iqs}")
+        if problems:
+            raise InvalidInput("invalid loader settings:", problems)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ import torch
 from nnssl.errors import InvalidInput
 from nnssl.evaluation.labeled import LabeledSet, Preparation, prepare_case, token_labels
 from nnssl.evaluation.probe import ProbeConfig
+from nnssl.log import progress
 
 
 @dataclass
@@ -98,8 +99,6 @@ def extract(encoders: dict[str, Any], labeled: LabeledSet, prep: Preparation, pr
             batch_size: int = 4, token_baselines: tuple[str, ...] | None = None) -> Extracted:
     """The one pass of the module docstring; `token_baselines` names the token probe's baselines
     (default `baselines.TOKEN_BASELINES`)."""
-    from tqdm import tqdm
-
     from nnssl.evaluation.baselines import TOKEN_BASELINES, token_baseline_features
     from nnssl.export.features import concat_layer_means, readout_tokens
 
@@ -115,7 +114,7 @@ def extract(encoders: dict[str, Any], labeled: LabeledSet, prep: Preparation, pr
     index = torch.from_numpy(out.positions)
     probe_index = torch.from_numpy(out.probe_positions)
     cases = labeled.cases
-    with tqdm(total=len(cases), unit="case", desc="features", leave=False) as bar:
+    with progress(total=len(cases), unit="case", desc="features", leave=False) as bar:
         for start in range(0, len(cases), batch_size):
             batch = [prepare_case(case, prep) for case in cases[start:start + batch_size]]
             volumes = torch.from_numpy(np.stack([volume for volume, _ in batch]))

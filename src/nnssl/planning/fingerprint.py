@@ -16,7 +16,7 @@ import numpy as np
 from nnssl.data.collection import Collection
 from nnssl.data.imageio import read_header, read_image, require_3d, shape_3d, spacing_3d
 from nnssl.errors import NnsslError
-from nnssl.log import get_logger
+from nnssl.log import get_logger, progress
 from nnssl.workers import imap
 
 logger = get_logger(__name__)
@@ -109,12 +109,10 @@ def _map(fn, jobs: list, num_processes: int, desc: str, batch: int = 1) -> list:
     """`fn` over `jobs` in forkserver workers (see `nnssl.workers`), `batch` jobs per task so
     that a millisecond header read is not dwarfed by inter-process messaging. Results come back
     in job order, so the fingerprint does not depend on which worker finished first."""
-    from tqdm import tqdm
-
     batch = max(1, min(batch, len(jobs) // (4 * max(1, num_processes))))
     batches = [(i, fn, jobs[start:start + batch]) for i, start in enumerate(range(0, len(jobs), batch))]
     done: list[list] = [[] for _ in batches]
-    with tqdm(total=len(jobs), desc=desc, unit="img", leave=False) as bar:
+    with progress(total=len(jobs), desc=desc, unit="img", leave=False) as bar:
         for index, results in imap(_run_batch, batches, num_processes if len(jobs) > 1 else 1):
             done[index] = results
             bar.update(len(results))

@@ -21,6 +21,10 @@ DEFAULT_PATCH = 160
 DEFAULT_BATCH = 8
 TOKEN = 8  # Primus patch embedding: patch sides must be multiples of 8
 CT_MODALITIES = frozenset({"ct", "CT"})
+PLANNER_NAME = "nnssl.planning.planner.plan_experiment"  # recorded as experiment_planner_used
+# `-pl` values that mean this planner: its own names and the default planner class of nnU-Net
+# and the reference (both `ExperimentPlanner`), so their users' commands run unchanged
+PLANNER_NAMES = ("ExperimentPlanner", "plan_experiment", PLANNER_NAME)
 
 
 def transpose_from_spacing(median_spacing: list[float]) -> tuple[list[int], list[int]]:
@@ -69,7 +73,10 @@ def _patch_for(median_shape: list[float]) -> tuple[list[int], str]:
 
 def plan_experiment(dataset_name: str, fingerprint: dict[str, Any],
                     configurations: tuple[str, ...] = CONFIGURATIONS,
-                    ct_normalization: str = "ZScoreNormalization") -> Plans:
+                    ct_normalization: str = "ZScoreNormalization", plans_name: str = "nnsslPlans") -> Plans:
+    """The plans; `plans_name` also names each configuration's data (`<plans_name>_<config>`), so
+    plans written under another name (`-overwrite_plans_name`) never preprocess into, or over,
+    the default plans' arrays."""
     if not fingerprint.get("images"):
         raise NnsslError(f"{dataset_name}: the fingerprint has no readable image; fix the failures it "
                          "lists and re-run nnssl_extract_fingerprint")
@@ -94,7 +101,7 @@ def plan_experiment(dataset_name: str, fingerprint: dict[str, Any],
         median_shape = (physical / eff).round(1).tolist()
         patch, why = _patch_for(median_shape)
         configs[name] = ConfigurationPlan(
-            data_identifier=f"nnsslPlans_{name}", preprocessor_name="DefaultPreprocessor",
+            data_identifier=f"{plans_name}_{name}", preprocessor_name="DefaultPreprocessor",
             spacing_style=name, spacing=spacing,
             normalization_schemes=sorted({v["scheme"] for v in normalization.values()}) or ["ZScoreNormalization"],
             use_mask_for_norm=[False],
@@ -105,8 +112,8 @@ def plan_experiment(dataset_name: str, fingerprint: dict[str, Any],
             patch_size=patch, batch_size=DEFAULT_BATCH, median_shape_after_resampling=median_shape,
             reasoning={"patch_size": why, "batch_size": f"reference default {DEFAULT_BATCH} (global, split over GPUs)"},
         )
-    return Plans(dataset_name=dataset_name, plans_name="nnsslPlans",
+    return Plans(dataset_name=dataset_name, plans_name=plans_name,
                  original_median_spacing_after_transp=median_spacing_t.tolist(),
                  image_reader_writer="SimpleITKIO", transpose_forward=forward, transpose_backward=backward,
-                 experiment_planner_used="nnssl.planning.planner.plan_experiment",
+                 experiment_planner_used=PLANNER_NAME,
                  configurations=configs, normalization_per_modality=normalization)

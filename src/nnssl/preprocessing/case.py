@@ -39,6 +39,7 @@ class CaseJob:
     resampling_method: str
     normalization: dict[str, Any]
     masks: dict[str, str | None] = field(default_factory=dict)  # anatomy_mask / anonymization_mask
+    invert_anatomy_mask: bool = False  # the file marks background with 1 (OpenMind's fb_mask)
 
 
 class _Stopwatch:
@@ -74,8 +75,9 @@ def run_case(job: CaseJob) -> dict[str, Any]:
     """Preprocess one case; never raises: a failure comes back with the case id, path and reason."""
     watch = _Stopwatch()
     try:
-        status = _run(job, watch)
-        result: dict[str, Any] = {"image_id": job.image_id, "status": status}
+        notes: dict[str, Any] = {}
+        status = _run(job, watch, notes)
+        result: dict[str, Any] = {"image_id": job.image_id, "status": status, **notes}
     except NnsslError as e:
         result = {"image_id": job.image_id, "status": "failed", "path": job.image, "reason": str(e)}
     except Exception as e:  # a bug or an unexpected library error: report it with the case
@@ -86,13 +88,32 @@ def run_case(job: CaseJob) -> dict[str, Any]:
     return result
 
 
-def _run(job: CaseJob, watch: _Stopwatch) -> str:
+def anatomy_mask_looks_inverted(image: np.ndarray, anatomy: np.ndarray) -> bool:
+    """True when the voxels an anatomy mask marks are darker on average than the rest: anatomy is
+    brighter than air in MRI and CT, so such a mask most likely marks the background (then
+    patches meant to be centred on anatomy would be centred on air)."""
+    inside = anatomy != 0
+    count = int(np.count_nonzero(inside))
+    if count in (0, inside.size):
+        return False
+    total = float(image.sum(dtype=np.float64))
+    in_sum = float(np.sum(image, where=inside, dtype=np.float64))
+    return in_sum / count < (total - in_sum) / (inside.size - count)
+
+
+def _run(job: CaseJob, watch: _Stopwatch, notes: dict[str, Any]) -> str:
     files = storage.CaseFiles.for_stem(Path(job.stem))
     if storage.case_is_complete(files, job.plan_hash):
         return "skipped"
     with watch.stage("read"):
         image, header = read_image(job.image)
         masks = {key: read_mask(path, header)[None] for key, path in job.masks.items() if path}
+        if "anatomy_mask" in masks:
+            if job.invert_anatomy_mask:
+                masks["anatomy_mask"] = (masks["anatomy_mask"] == 0).astype(np.uint8)
+            if anatomy_mask_looks_inverted(image, masks["anatomy_mask"][0]):
+                notes["warning"] = (f"{job.masks['anatomy_mask']}: the anatomy mask marks voxels darker than the rest "
+                                    "of the image: it seems to mark the background")
     with watch.stage("crop"):
         spacing_in = header.spacing[-3:]
         data, spacing = steps.transpose_case(image[None], spacing_in, job.transpose_forward)
@@ -126,7 +147,7 @@ def _run(job: CaseJob, watch: _Stopwatch) -> str:
             "shape_before_cropping": shape_before_crop, "bbox_used_for_cropping": [list(b) for b in bbox],
             "shape_after_cropping": shape_after_crop, "spacing_after_transpose": list(spacing),
             "target_spacing": target, "shape_after_resampling": list(data.shape[1:]),
-            "normalization": norm_info, "arrays": arrays,
+            "normalization": norm_info, "arrays": arrays, "anatomy_mask_inverted": job.invert_anatomy_mask,
         })
     return "done"
 

@@ -60,6 +60,8 @@ _NUMERIC_SUFFIXES: dict[str, tuple[re.Pattern[str], str]] = {
     "patch_size": (re.compile(r"^P(\d+)$"), "P<N>"),
     "grad_accumulation": (re.compile(r"^GA(\d+)$"), "GA<N>"),
 }
+# the reference's image-quality subsets, e.g. BaseMAETrainer_BS8_IQS2_5 (score <= 2.5)
+_REFERENCE_IQS = re.compile(r"_IQS(\d+)_(\d+)(?=_|$)")
 # a decimal or scientific float: lr0.001, lr1e-3, lr3.5e-4 (no sign: learning rates are positive)
 _LR_SUFFIX = re.compile(r"^lr(\d+(?:\.\d+)?(?:e-?\d+)?)$")
 
@@ -102,6 +104,12 @@ def grammar_help() -> str:
 
 
 def _suggestions(name: str) -> str:
+    iqs = _REFERENCE_IQS.search(name)
+    if iqs:  # a setting here, not a name: say which
+        threshold = f"{iqs.group(1)}.{iqs.group(2)}"
+        return (f" The reference's _IQS{iqs.group(1)}_{iqs.group(2)} trainers keep the images whose image-quality "
+                f"score is at most {threshold}; here that is a setting: -tr {name[:iqs.start()] + name[iqs.end():]} "
+                f"--set loader.max_iqs={threshold} (documentation/openmind.md).")
     known = example_trainer_names() + list(REFERENCE_ALIASES)
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
     return f" Did you mean {', '.join(close)}?" if close else ""

@@ -47,7 +47,7 @@ def train(options: RunOptions, config: TrainingConfig) -> TrainOutcome | None:
         # validate the configuration and the data once, in this process, before spawning N of them
         from nnssl.training.setup import check_batch_split, load_data, resolve_run_config
 
-        data = load_data(options, config.seed)
+        data = load_data(options, config.seed, config.loader.max_iqs)
         check_batch_split(resolve_run_config(config, data, options.configuration)[0], options.num_gpus)
         distributed.spawn_local(_spawned_rank, options.num_gpus, (options, config))
         return None

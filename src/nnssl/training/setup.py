@@ -87,7 +87,9 @@ def load_plans(options: RunOptions) -> DataSetup:
     return DataSetup(dataset, plans, [], [])
 
 
-def load_data(options: RunOptions, seed: int) -> DataSetup:
+def load_data(options: RunOptions, seed: int, max_iqs: float | None = None) -> DataSetup:
+    """The plans and the train/val cases. The split is drawn over every subject, so filtering by
+    image-quality score (`max_iqs`, `--set loader.max_iqs=X`) never changes `splits_final.json`."""
     from nnssl.preprocessing.runner import preprocessed_collection_path
 
     data = load_plans(options)
@@ -99,8 +101,25 @@ def load_data(options: RunOptions, seed: int) -> DataSetup:
                          f"-p {options.plans}")
     cases = load_cases(collection)
     splits = make_or_load_splits(cases, pre / "splits_final.json", seed=seed)
+    if max_iqs is not None:
+        cases = _filter_by_iqs(cases, collection, max_iqs)
     data.train_cases, data.val_cases = split_cases(cases, splits)
+    if not data.train_cases:
+        raise NnsslError(f"loader.max_iqs={max_iqs} leaves no training case in {collection}; raise it")
     return data
+
+
+def _filter_by_iqs(cases: list[CaseRecord], collection: Path, max_iqs: float) -> list[CaseRecord]:
+    from nnssl.data.collection import Collection
+    from nnssl.data.openmind import select_by_iqs
+
+    kept, above, unscored = select_by_iqs(Collection.load(collection), max_iqs)
+    if unscored == len(cases):
+        raise NnsslError(f"loader.max_iqs={max_iqs}, but no image in {collection} has an image_quality_score "
+                         "(create the dataset with nnssl_create_dataset --openmind, or drop the setting)")
+    logger.info("loader.max_iqs=%s: training on %d of %d images (%d scored above, %d without a score)",
+                max_iqs, len(kept), len(cases), above, unscored)
+    return [case for case in cases if case.image_id in kept]
 
 
 def loader_config(config: TrainingConfig, options: RunOptions, local_batch: int, validation: bool = False
@@ -146,7 +165,7 @@ def build_context(options: RunOptions, config: TrainingConfig, dist: DistInfo) -
     """Read, resolve and build everything (no training, no writes)."""
     from nnssl.methods.factory import build_method
 
-    data = load_data(options, config.seed)
+    data = load_data(options, config.seed, config.loader.max_iqs)
     config, notes = resolve_run_config(config, data, options.configuration)
     check_batch_split(config, dist.world_size)
     method = build_method(config, input_channels=1).to(dist.device)
