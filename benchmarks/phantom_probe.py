@@ -95,8 +95,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per training job")
     args = p.parse_args()
 
-    from nnssl.evaluation.protocol import (RANDOM_SEEDS, identify_labeled_set, random_reference, verdict,
-                                           write_protocol_set)
+    from nnssl.evaluation.protocol import (
+        RANDOM_SEEDS,
+        identify_labeled_set,
+        random_reference,
+        verdict,
+        write_protocol_set,
+    )
     from nnssl.export.features import random_encoder_like
     from nnssl.methods.factory import build_method
     from nnssl.settings import parse_assignments
