@@ -59,9 +59,9 @@ class TrainOutcome:
     val_loss: float | None = None
 
 
-class _StepModule(torch.nn.Module):
+class StepModule(torch.nn.Module):
     """Routes DDP's forward to `method.training_output` (DDP syncs gradients of what its own
-    forward ran)."""
+    forward ran). Public so the GPU check's DDP step wraps exactly what the trainer wraps."""
 
     def __init__(self, method: PretrainingMethod) -> None:
         super().__init__()
@@ -166,7 +166,7 @@ class Trainer:
         self._last_checkpoint_time = time.monotonic()
 
     def _wrap(self, method: PretrainingMethod) -> torch.nn.Module:
-        step_module = _StepModule(method)
+        step_module = StepModule(method)
         if not self.dist.distributed:
             return step_module
         ids = [self.device.index] if self.device.type == "cuda" else None
