@@ -1,36 +1,34 @@
 """GPU check: the training step, the loader feeding it and a DDP step on the machine at hand; prints
-one JSON object (stdout) and a short table (stderr).
+one JSON object (stdout, and `--out`) and a short table (stderr). In this order, each part after
+the first only while `--budget_s` lasts (what did not fit, or failed, says so in its place):
 
 1. `steps`: the trainer's own optimizer step (`training/step.py::optimizer_step` on the method and
-   AdamW that `resolve_config` / `build_method` / `build_optimizer` give, bf16 autocast on CUDA)
-   for I-JEPA and MAE on Primus-M and ResEnc-L at 160³, batch 8 per GPU, on random volumes
-   resident on the GPU: median step time of the timed steps after warm-up, samples/s, peak memory,
-   FLOPs of those same steps (`FlopCounterMode`, eager, the same step indices, hence the same mask
-   sizes; matmul / conv / attention FLOPs, the MFU convention), achieved TFLOP/s and MFU against
-   the device's dense bf16 peak (`PEAK_BF16_TFLOPS`, by device name; an unknown device gets no MFU
-   unless `--peak_tflops` is given). Then the largest batch that fits: doubling from 8, then
-   bisecting, out-of-memory caught, at most `--max_batch`.
-2. `compile`: the same steps with `nnssl_train --compile`'s `compile_method`, in a child process
-   given whatever remains of `--budget_s` (a compile that fails or runs out of time is recorded,
-   not fatal): compile time (warm-up wall time minus warm-up steps at the compiled speed), graphs
-   compiled, recompiles while timed, speed-up over eager.
-3. `loader`: `PretrainLoader` with 1, 2, 4, 8 workers on synthetic blosc2 cases (the head-like
-   volumes of `benchmarks/dataloading.py`), default augmentation, 160³ crops, batch 8: its
-   capacity (batches/s, the consumer copying each batch to the device and nothing else) and the
-   `data_wait_fraction` the trainer logs (waiting for the next batch / whole step) while it feeds
-   the real step of the fastest configuration; for every configuration the wait the capacity
-   predicts, max(0, 1 - capacity x step time), and the workers that configuration needs.
+   fused AdamW that `resolve_config` / `build_method` / `build_optimizer` give, bf16 autocast) for
+   I-JEPA and MAE on Primus-M and ResEnc-L at 160³, batch 8 per GPU (halved while it runs out of
+   memory), on random volumes resident on the GPU: median step time of the timed steps after
+   warm-up, samples/s, peak memory, FLOPs of those same step indices (so the same I-JEPA mask
+   sizes) from `FlopCounterMode` in eager mode (matmul / conv / attention FLOPs, the MFU
+   convention), achieved TFLOP/s and MFU against the device's dense bf16 peak
+   (`PEAK_BF16_TFLOPS` by device name; an unknown device gets no MFU unless `--peak_tflops`).
+2. `loader`: `PretrainLoader` with 1, 2, 4, 8 workers on synthetic blosc2 cases (the head-like
+   volumes of `benchmarks/dataloading.py`), default augmentation, 160³ crops: its capacity (the
+   consumer only copies each batch to the device) and the `data_wait_fraction` the trainer logs
+   (waiting for the next batch / whole step) while it feeds the real step of the configuration
+   with the highest samples/s. `loader_verdicts`: per configuration, the wait each capacity
+   predicts, max(0, 1 - capacity / GPU samples/s), and the workers it needs.
    `--augment_on_device` is passed to `LoaderConfig` when this checkout has that option.
-4. `ddp`: two processes (spawn; nccl on CUDA, gloo in the CPU smoke run), the trainer's
+3. `ddp`: two processes (spawn; nccl on CUDA, gloo in the CPU smoke run) running the trainer's
    `StepModule` in `DistributedDataParallel`, the first configuration at batch 8 per GPU: global
-   samples/s, scaling over one GPU, parameters identical on both ranks. Skipped with fewer than 2
-   GPUs.
+   samples/s, scaling over one GPU, parameters identical on both ranks. Skipped below 2 GPUs.
+4. `largest_batch`: doubling from the measured batch up to `Plan.max_batch`, then bisecting;
+   out-of-memory is a failed probe.
+5. `compile`: the same steps through `nnssl_train --compile`'s `compile_method`, in a child
+   process given the time that is left (a failure or a timeout is recorded, not fatal): compile
+   time (warm-up wall time minus as many compiled steps), graphs compiled, recompiles while timed,
+   speed-up over eager.
 
-Steps run first (the loader needs their times), then the loader, DDP, the batch search and the
-compiled steps, each only while `--budget_s` lasts (what did not fit says so).
-
-    python benchmarks/gpu_check.py --out gpu_check.json   # one H100: under 8 minutes
-    python benchmarks/gpu_check.py --cpu_smoke            # Tiny / ResEncTiny on the CPU, seconds
+    timeout 540 python benchmarks/gpu_check.py --out gpu_check.json   # one H100, budget 7 min
+    python benchmarks/gpu_check.py --cpu_smoke                         # Tiny / ResEncTiny on the CPU
 """
 
 from __future__ import annotations
@@ -45,33 +43,32 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from _nidl_step import count_step_flops  # noqa: E402  (FlopCounterMode + the CPU attention kernel)
-
-# Dense (no 2:4 sparsity) bf16 tensor-core peaks from NVIDIA's H100, H200 and A100 datasheets, in
-# TFLOP/s, by a substring of `torch.cuda.get_device_name()`; first match wins, so the specific
-# names come before the general ones (an H100 SXM reports "NVIDIA H100 80GB HBM3").
-PEAK_BF16_TFLOPS: tuple[tuple[str, float, str], ...] = (
-    ("GH200", 989.4, "GH200 (H100-class GPU), dense bf16"),
-    ("H200 NVL", 835.5, "H200 NVL, dense bf16"),
-    ("H200", 989.4, "H200 SXM, dense bf16"),
-    ("H100 NVL", 835.5, "H100 NVL, dense bf16"),
-    ("H100 PCIe", 756.0, "H100 PCIe, dense bf16"),
-    ("H100", 989.4, "H100 SXM, dense bf16"),
-    ("A100", 312.0, "A100 (SXM or PCIe), dense bf16"),
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _gpu_steps import (  # noqa: E402  (re-exported: the tests reach the step half through this module)
+    PEAK_BF16_TFLOPS,  # noqa: F401
+    Budget,
+    StepBench,
+    gemm_tflops,
+    is_out_of_memory,  # noqa: F401
+    largest_batch,  # noqa: F401
+    measure_config,
+    peak_for_name,  # noqa: F401
+    peak_tflops,
+    rates,
+    search_batch,
+    synchronize,
 )
 
-
 # warm-up steps of a compiled configuration: I-JEPA compiles at its first step (static shapes) and
-# its second (context / target lengths symbolic); the third shows whether compiling stopped
+# again at the first change of each mask length (context, target; usually both at the second
+# step); a recompile after these shows up as `recompiles_while_timed`
 COMPILE_WARMUP = 3
 
 
@@ -106,217 +103,6 @@ SMOKE_PLAN = Plan(
     search_trainers=("IJEPATrainer_Tiny_P32", "MAETrainer_Tiny_P32"))  # ResEncTiny probes cost seconds each
 
 
-class Budget:
-    """Wall-clock budget of the whole check; later parts ask what is left."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds, self.start = seconds, time.monotonic()
-
-    def left(self) -> float:
-        return self.seconds - (time.monotonic() - self.start)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_tflops(device: torch.device, override: float | None) -> dict:
-    """{"tflops": peak or None, "source": where it came from} for MFU."""
-    if override is not None:
-        return {"tflops": override, "source": "--peak_tflops"}
-    if device.type != "cuda":
-        return {"tflops": None, "source": "no peak table for the CPU (the smoke run measures an fp32 GEMM instead)"}
-    return peak_for_name(torch.cuda.get_device_name(device))
-
-
-def peak_for_name(name: str) -> dict:
-    for key, tflops, what in PEAK_BF16_TFLOPS:
-        if key.lower() in name.lower():
-            return {"tflops": tflops, "source": f"{what} (table, device {name!r})"}
-    return {"tflops": None, "source": f"unknown device {name!r}: not in PEAK_BF16_TFLOPS; no MFU (pass --peak_tflops)"}
-
-
-def gemm_tflops(device: torch.device, n: int = 1024, repeats: int = 3) -> float:
-    """Best fp32 n³ matmul rate on `device` in this process: the smoke run's stand-in peak."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    torch.mm(a, b)
-    best = math.inf
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        torch.mm(a, b)
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best / 1e12
-
-
-def rates(flops_per_step: float, step_s: float, batch: int, peak: float | None) -> dict:
-    achieved = flops_per_step / step_s / 1e12
-    return {"samples_per_s": batch / step_s, "achieved_tflops": achieved,
-            "mfu": achieved / peak if peak else None}
-
-
-class StepBench:
-    """One configuration on one device: the method, fused AdamW and the trainer's step function."""
-
-    def __init__(self, trainer: str, device: torch.device, precision: str, compile_backend: str | None = None) -> None:
-        from nnssl.methods.factory import build_method
-        from nnssl.training.compilation import compile_method
-        from nnssl.training.names import resolve_config
-        from nnssl.training.setup import build_optimizer
-
-        self.trainer, self.device, self.precision = trainer, device, precision
-        self.config = resolve_config(trainer)
-        self.method = build_method(self.config).to(device).train()
-        if compile_backend is not None:
-            compile_method(self.method, compile_backend)
-        self.optimizer = build_optimizer(self.method, self.config)
-        self.schedule = self.config.schedule_config()
-
-    def autocast(self):  # type: ignore[no-untyped-def]
-        if self.precision == "fp32":
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
-
-    def volumes(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.randn(batch, 1, *self.config.patch_size, device=self.device)
-        return x, torch.zeros_like(x, dtype=torch.bool)
-
-    def step(self, volumes: torch.Tensor, anon: torch.Tensor, index: int, **kwargs):  # type: ignore[no-untyped-def]
-        from nnssl.training.step import optimizer_step
-
-        return optimizer_step(self.method, self.optimizer, volumes, anon, index, self.schedule,
-                              self.config.optim.grad_clip, autocast=self.autocast, **kwargs)
-
-    def timed_steps(self, batch: int, first: int, count: int) -> tuple[list[float], list[dict]]:
-        """Wall times of steps first .. first + count - 1 (synchronised) and their scalars."""
-        x, anon = self.volumes(batch)
-        times, scalars = [], []
-        for index in range(first, first + count):
-            synchronize(self.device)
-            start = time.perf_counter()
-            result = self.step(x, anon, index)
-            synchronize(self.device)
-            times.append(time.perf_counter() - start)
-            scalars.append(dict(result.output.scalars))
-        return times, scalars
-
-    def flops(self, batch: int, first: int, count: int) -> list[int]:
-        """FLOPs of steps first .. first + count - 1, one FlopCounterMode pass each (eager only)."""
-        x, anon = self.volumes(batch)
-        return [count_step_flops(lambda i=index: self.step(x, anon, i)) for index in range(first, first + count)]
-
-    def reset_peak_memory(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-
-    def peak_memory_gib(self) -> float | None:
-        return torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
-
-    def release(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
-
-def measure_steps(bench: StepBench, plan: Plan, peak: float | None, batch: int) -> dict:
-    """Warm-up, FLOPs of the timed step indices, then the timed steps (see the module docstring)."""
-    bench.reset_peak_memory()
-    warm_times, _ = bench.timed_steps(batch, 0, plan.warmup)
-    flops = bench.flops(batch, plan.warmup, plan.timed)
-    times, scalars = bench.timed_steps(batch, plan.warmup, plan.timed)
-    step_s = statistics.median(times)
-    flops_per_step = statistics.fmean(flops)
-    return {"trainer": bench.trainer, "batch": batch, "precision": bench.precision,
-            "warmup_s": warm_times, "step_s_median": step_s, "step_s_all": times,
-            "flops_per_step": flops_per_step, "flops_per_step_all": flops, "flops_per_sample": flops_per_step / batch,
-            **rates(flops_per_step, step_s, batch, peak), "peak_memory_gib": bench.peak_memory_gib(),
-            "tokens": scalars}
-
-
-def measure_config(trainer: str, device: torch.device, precision: str, plan: Plan, peak: float | None) -> dict:
-    """`measure_steps` at the plan's batch, halved after each out-of-memory (recorded) down to 1."""
-    bench = StepBench(trainer, device, precision)
-    batch, out_of_memory = plan.batch, []
-    try:
-        while True:
-            try:
-                return {**measure_steps(bench, plan, peak, batch), "out_of_memory_at": out_of_memory}
-            except RuntimeError as e:
-                if not is_out_of_memory(e):
-                    raise
-                out_of_memory.append(batch)
-                bench.release()
-                if batch == 1:
-                    return {"trainer": trainer, "batch": plan.batch, "error": "out of memory at batch 1",
-                            "out_of_memory_at": out_of_memory}
-                batch //= 2
-    finally:
-        bench.release()
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
-
-
-def largest_batch(fits: Callable[[int], dict | None], known: int, cap: int, bisect: int,
-                  failed: int | None = None) -> tuple[int, list]:
-    """Largest batch b <= cap with `fits(b)` not None, searching from `known` (known to fit;
-    `failed`: a batch known not to fit): doubling until a failure or the cap, then `bisect` probes
-    between the last fit and the first failure. `fits` returns the probe's measurements or None
-    when it ran out of memory. Returns (largest fitting batch, the probes in order)."""
-    probes: list[dict] = []
-
-    def probe(b: int) -> bool:
-        result = fits(b)
-        probes.append({"batch": b, "fits": result is not None, **(result or {})})
-        return result is not None
-
-    good, bad = known, failed
-    while bad is None and good * 2 <= cap:
-        if probe(good * 2):
-            good *= 2
-        else:
-            bad = good * 2
-    for _ in range(bisect):
-        if bad is None or bad - good <= 1:
-            break
-        middle = (good + bad) // 2
-        if probe(middle):
-            good = middle
-        else:
-            bad = middle
-    return good, probes
-
-
-def search_batch(bench: StepBench, plan: Plan, measured: dict, peak: float | None) -> dict:
-    """`largest_batch` with real steps from the measured batch; FLOPs scale with the batch (the
-    measured per-sample FLOPs; I-JEPA's context length varies a little with the batch)."""
-    first = plan.warmup + plan.timed
-
-    def fits(b: int) -> dict | None:
-        bench.release()
-        bench.reset_peak_memory()
-        try:
-            times, _ = bench.timed_steps(b, first, plan.probe_steps)
-        except RuntimeError as e:
-            if not is_out_of_memory(e):
-                raise
-            bench.release()
-            return None
-        step_s = times[-1]
-        return {"step_s": step_s, **rates(measured["flops_per_sample"] * b, step_s, b, peak),
-                "peak_memory_gib": bench.peak_memory_gib()}
-
-    failed = min(measured["out_of_memory_at"], default=None)
-    best, probes = largest_batch(fits, measured["batch"], plan.max_batch, plan.bisect, failed)
-    bench.release()
-    capped = failed is None and best * 2 > plan.max_batch and all(p["fits"] for p in probes)
-    return {"largest_batch": best, "capped_by_max_batch": capped, "max_batch": plan.max_batch, "probes": probes}
-
-
 # ---- the loader -----------------------------------------------------------------------------------
 
 def loader_option_available() -> bool:
@@ -328,7 +114,6 @@ def loader_option_available() -> bool:
 def measure_loader(plan: Plan, device: torch.device, feeder: StepBench, batch: int, augment_on_device: bool) -> dict:
     """Capacity and fed data_wait_fraction per worker count (see the module docstring)."""
     from dataloading import make_volumes
-
     from nnssl.dataloading.loader import LoaderConfig, PretrainLoader
 
     extra = {"augment_on_device": True} if augment_on_device and loader_option_available() else {}
@@ -523,6 +308,27 @@ def measure_compiled(plan: Plan, device: torch.device, precision: str, backend: 
 
 # ---- the whole check ------------------------------------------------------------------------------
 
+class _Parts:
+    """Runs the parts of the check in order: each one's wall time is recorded, an exception becomes
+    its result (a later part still runs: one failure must not lose a GPU session's other numbers),
+    and the JSON so far is rewritten to `--out` after each part (a killed run leaves them)."""
+
+    def __init__(self, result: dict, out: Path | None) -> None:
+        self.result, self.out = result, out
+        self.seconds: dict[str, float] = result.setdefault("part_s", {})
+
+    def run(self, name: str, measure: Callable[[], dict]) -> dict:
+        started = time.perf_counter()
+        try:
+            self.result[name] = measure()
+        except Exception as e:  # noqa: BLE001 - recorded with its traceback, see the class docstring
+            self.result[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]}
+        self.seconds[name] = time.perf_counter() - started
+        if self.out is not None:
+            self.out.write_text(json.dumps(self.result, indent=1) + "\n", encoding="utf-8")
+        return self.result[name]
+
+
 def run_check(args: argparse.Namespace) -> dict:
     plan = SMOKE_PLAN if args.cpu_smoke else GPU_PLAN
     if args.cpu_smoke:
@@ -538,60 +344,63 @@ def run_check(args: argparse.Namespace) -> dict:
         peak = {"tflops": gemm_tflops(device), "source": "measured fp32 1024³ matmul on this CPU (smoke stand-in)"}
     result: dict = {"plan": asdict(plan), "device": _describe(device), "precision": precision, "peak": peak,
                     "budget_s": args.budget_s}
-    parts: dict[str, float] = {}
-    started = time.perf_counter()
-    steps = [measure_config(trainer, device, precision, plan, peak["tflops"]) for trainer in plan.trainers]
-    parts["steps"] = time.perf_counter() - started
-    result["steps"] = steps
+    if device.type == "cuda":  # the GEMM ceiling of this device in this run, next to the datasheet's peak
+        result["gemm_bf16_8192_tflops"] = gemm_tflops(device, 8192, torch.bfloat16, repeats=5)
+    parts = _Parts(result, args.out)
+
+    # 1. steps (always: everything else is measured against them)
+    parts.run("steps", lambda: [measure_config(t, device, precision, plan, peak["tflops"]) for t in plan.trainers])
+    steps = result["steps"] if isinstance(result["steps"], list) else []
     eager = {s["trainer"]: s for s in steps}
     measured = [s for s in steps if "step_s_median" in s]
 
-    if not measured:
-        result["loader"] = {"skipped": "no configuration fitted in memory, not even at batch 1"}
-    elif budget.left() <= 0:
-        result["loader"] = {"skipped": "time budget"}
-    else:
-        started = time.perf_counter()
-        fastest = max(measured, key=lambda s: s["samples_per_s"])  # the most demanding consumer
+    # 2. the loader, feeding the most demanding consumer (the highest samples/s)
+    def loader() -> dict:
+        if not measured:
+            return {"skipped": "no configuration ran, not even at batch 1"}
+        fastest = max(measured, key=lambda s: s["samples_per_s"])
         feeder = StepBench(fastest["trainer"], device, precision)
-        result["loader"] = measure_loader(plan, device, feeder, fastest["batch"], args.augment_on_device)
+        try:
+            return measure_loader(plan, device, feeder, fastest["batch"], args.augment_on_device)
+        finally:
+            feeder.release()
+
+    if parts.run("loader", loader if budget.left() > 0 else lambda: {"skipped": "time budget"}).get("per_workers"):
         result["loader_verdicts"] = loader_verdicts(result["loader"], steps)
-        feeder.release()
-        del feeder
-        parts["loader"] = time.perf_counter() - started
 
-    started = time.perf_counter()
-    first = eager[plan.trainers[0]]
-    result["ddp"] = (measure_ddp(plan, device, precision, first)
-                     if first.get("batch") == plan.batch and "step_s_median" in first and budget.left() > 0
-                     else {"skipped": f"time budget, or {plan.trainers[0]} did not run at batch {plan.batch}"})
-    parts["ddp"] = time.perf_counter() - started
+    # 3. DDP
+    first = eager.get(plan.trainers[0], {})
+    parts.run("ddp", lambda: measure_ddp(plan, device, precision, first)
+              if first.get("batch") == plan.batch and "step_s_median" in first and budget.left() > 0
+              else {"skipped": f"time budget, or {plan.trainers[0]} did not run at batch {plan.batch}"})
 
-    started = time.perf_counter()
-    searches = {}
-    for s in measured:
-        if plan.search_trainers is not None and s["trainer"] not in plan.search_trainers:
-            searches[s["trainer"]] = {"skipped": "not searched in this plan"}
-        elif budget.left() < (30 if not args.cpu_smoke else 0):
-            searches[s["trainer"]] = {"skipped": "time budget"}
-        else:
-            bench = StepBench(s["trainer"], device, precision)
-            searches[s["trainer"]] = search_batch(bench, plan, s, peak["tflops"])
-            bench.release()
-            del bench
-    result["largest_batch"] = searches
-    parts["largest_batch"] = time.perf_counter() - started
+    # 4. the largest batch
+    def searches() -> dict:
+        found = {}
+        for s in measured:
+            if plan.search_trainers is not None and s["trainer"] not in plan.search_trainers:
+                found[s["trainer"]] = {"skipped": "not searched in this plan"}
+            elif budget.left() < (0 if args.cpu_smoke else 30):
+                found[s["trainer"]] = {"skipped": "time budget"}
+            else:
+                bench = StepBench(s["trainer"], device, precision)
+                try:
+                    found[s["trainer"]] = search_batch(bench, plan, s, peak["tflops"])
+                finally:
+                    bench.release()
+        return found
 
-    if args.cpu_smoke and not args.compile_smoke:
-        result["compile"] = {"skipped": "--cpu_smoke without --compile_smoke"}
-    elif budget.left() < 5:
-        result["compile"] = {"skipped": "time budget"}
-    else:
-        started = time.perf_counter()
-        result["compile"] = measure_compiled(plan, device, precision, args.compile_backend, budget, eager,
-                                             peak["tflops"])
-        parts["compile"] = time.perf_counter() - started
-    result["part_s"] = parts
+    parts.run("largest_batch", searches)
+
+    # 5. the compiled steps, with what is left
+    def compiled() -> dict:
+        if args.cpu_smoke and not args.compile_smoke:
+            return {"skipped": "--cpu_smoke without --compile_smoke"}
+        if budget.left() < 5:
+            return {"skipped": "time budget"}
+        return measure_compiled(plan, device, precision, args.compile_backend, budget, eager, peak["tflops"])
+
+    parts.run("compile", compiled)
     result["wall_s"] = args.budget_s - budget.left()
     return result
 
@@ -606,7 +415,7 @@ def _describe(device: torch.device) -> dict:
 
 
 def table(result: dict) -> str:
-    """The short human-readable summary (stderr)."""
+    """The short human-readable summary (stderr); parts that failed or were skipped show as such."""
     def fmt(value: float | None, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
@@ -614,9 +423,11 @@ def table(result: dict) -> str:
     search = result.get("largest_batch", {})
     lines = [f"device: {result['device'].get('name', result['device']['type'])}, {result['precision']}, "
              f"peak {fmt(result['peak']['tflops'], '.1f')} TFLOP/s ({result['peak']['source']})",
-             "| trainer | batch | samples/s | TFLOP/s | MFU | peak GiB | compiled samples/s | compile s | largest batch |",
+             "| trainer | batch | samples/s | TFLOP/s | MFU | peak GiB | compiled samples/s | compile s "
+             "| largest batch |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for s in result["steps"]:
+    steps = result.get("steps")
+    for s in steps if isinstance(steps, list) else []:
         c, b = compiled.get(s["trainer"], {}), search.get(s["trainer"], {})
         if "error" in s:
             lines.append(f"| {s['trainer']} | {s['batch']} | {s['error']} | | | | | | |")
@@ -625,14 +436,18 @@ def table(result: dict) -> str:
                      f"{fmt(s['mfu'], '.3f')} | {fmt(s['peak_memory_gib'], '.1f')} | "
                      f"{fmt(c.get('samples_per_s'), '.2f') if 'error' not in c else 'failed'} | "
                      f"{fmt(c.get('compile_s'), '.0f')} | {b.get('largest_batch', b.get('skipped', '-'))} |")
+    for name in ("steps", "loader", "ddp", "largest_batch", "compile"):
+        part = result.get(name)
+        if isinstance(part, dict) and ("error" in part or "skipped" in part):
+            lines.append(f"{name}: {part.get('error') or part.get('skipped')}")
     loader = result.get("loader", {})
     if "per_workers" in loader:
         lines.append(f"loader (fed by {loader['fed_by']}): " + ", ".join(
             f"{w} workers {r['capacity_samples_per_s']:.1f} samples/s wait {r['data_wait_fraction']:.2f}"
             for w, r in loader["per_workers"].items()))
     ddp = result.get("ddp", {})
-    lines.append("ddp: " + (ddp["skipped"] if "skipped" in ddp else
-                            f"{ddp['global_samples_per_s']:.2f} samples/s, scaling {ddp['scaling_vs_one_process']:.2f}"))
+    if "global_samples_per_s" in ddp:
+        lines.append(f"ddp: {ddp['global_samples_per_s']:.2f} samples/s, scaling {ddp['scaling_vs_one_process']:.2f}")
     return "\n".join(lines)
 
 
@@ -644,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="backend of the compiled steps (inductor is what nnssl_train --compile uses)")
     parser.add_argument("--augment_on_device", action="store_true",
                         help="pass augment_on_device=True to LoaderConfig when this checkout has that option")
-    parser.add_argument("--peak_tflops", type=float, default=None, help="the device's peak for MFU (overrides the table)")
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="the device's peak for MFU (overrides the table)")
     parser.add_argument("--budget_s", type=float, default=420.0,
                         help="wall-clock budget; parts that no longer fit are recorded as skipped")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
