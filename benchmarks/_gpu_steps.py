@@ -191,12 +191,17 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
+class StopSearch(Exception):
+    """Raised by a probe that must not run (the time budget is spent): the search ends there."""
+
+
 def largest_batch(fits: Callable[[int], dict | None], known: int, cap: int, bisect: int,
                   failed: int | None = None) -> tuple[int, list]:
     """Largest batch b <= cap with `fits(b)` not None, searching from `known` (known to fit;
     `failed`: a batch known not to fit): doubling until a failure or the cap, then `bisect` probes
-    between the last fit and the first failure. `fits` returns the probe's measurements or None
-    when it ran out of memory. Returns (largest fitting batch, the probes in order)."""
+    between the last fit and the first failure. `fits` returns the probe's measurements, None
+    when it ran out of memory, or raises `StopSearch`. Returns (largest batch known to fit, the
+    probes in order; a stopped search ends with {"batch": b, "stopped": why})."""
     probes: list[dict] = []
 
     def probe(b: int) -> bool:
@@ -205,28 +210,35 @@ def largest_batch(fits: Callable[[int], dict | None], known: int, cap: int, bise
         return result is not None
 
     good, bad = known, failed
-    while bad is None and good * 2 <= cap:
-        if probe(good * 2):
-            good *= 2
-        else:
-            bad = good * 2
-    for _ in range(bisect):
-        if bad is None or bad - good <= 1:
-            break
-        middle = (good + bad) // 2
-        if probe(middle):
-            good = middle
-        else:
-            bad = middle
+    try:
+        while bad is None and good * 2 <= cap:
+            if probe(good * 2):
+                good *= 2
+            else:
+                bad = good * 2
+        for _ in range(bisect):
+            if bad is None or bad - good <= 1:
+                break
+            middle = (good + bad) // 2
+            if probe(middle):
+                good = middle
+            else:
+                bad = middle
+    except StopSearch as stop:
+        probes.append({"batch": stop.args[0], "stopped": stop.args[1]})
     return good, probes
 
 
-def search_batch(bench: StepBench, plan: Any, measured: dict, peak: float | None) -> dict:
-    """`largest_batch` with real steps from the measured batch; FLOPs scale with the batch (the
-    measured per-sample FLOPs; I-JEPA's context length varies a little with the batch)."""
+def search_batch(bench: StepBench, plan: Any, measured: dict, peak: float | None, budget: Budget | None = None
+                 ) -> dict:
+    """`largest_batch` with real steps from the measured batch, each probe only while `budget`
+    lasts; FLOPs scale with the batch (the measured per-sample FLOPs; I-JEPA's context length
+    varies a little with the batch)."""
     first = plan.warmup + plan.timed
 
     def fits(b: int) -> dict | None:
+        if budget is not None and budget.left() <= 0:
+            raise StopSearch(b, "time budget")
         bench.release()
         bench.reset_peak_memory()
         try:
@@ -243,5 +255,7 @@ def search_batch(bench: StepBench, plan: Any, measured: dict, peak: float | None
     failed = min(measured["out_of_memory_at"], default=None)
     best, probes = largest_batch(fits, measured["batch"], plan.max_batch, plan.bisect, failed)
     bench.release()
-    capped = failed is None and best * 2 > plan.max_batch and all(p["fits"] for p in probes)
-    return {"largest_batch": best, "capped_by_max_batch": capped, "max_batch": plan.max_batch, "probes": probes}
+    stopped = any("stopped" in p for p in probes)
+    capped = failed is None and not stopped and best * 2 > plan.max_batch and all(p["fits"] for p in probes)
+    return {"largest_batch": best, "capped_by_max_batch": capped, "stopped_by_budget": stopped,
+            "max_batch": plan.max_batch, "probes": probes}

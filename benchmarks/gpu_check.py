@@ -20,14 +20,14 @@ the first only while `--budget_s` lasts (what did not fit, or failed, says so in
 3. `ddp`: two processes (spawn; nccl on CUDA, gloo in the CPU smoke run) running the trainer's
    `StepModule` in `DistributedDataParallel`, the first configuration at batch 8 per GPU: global
    samples/s, scaling over one GPU, parameters identical on both ranks. Skipped below 2 GPUs.
-4. `largest_batch`: doubling from the measured batch up to `Plan.max_batch`, then bisecting;
-   out-of-memory is a failed probe.
-5. `compile`: the same steps through `nnssl_train --compile`'s `compile_method`, in a child
-   process given the time that is left (a failure or a timeout is recorded, not fatal): compile
-   time (warm-up wall time minus as many compiled steps), graphs compiled, recompiles while timed,
-   speed-up over eager.
+4. `compile`: the same steps through `nnssl_train --compile`'s `compile_method`, in a child
+   process given the time that is left but `SEARCH_RESERVE_S` (a failure or a timeout is recorded,
+   not fatal): compile time (warm-up wall time minus as many compiled steps), graphs compiled,
+   recompiles while timed, speed-up over eager.
+5. `largest_batch`: doubling from the measured batch up to `Plan.max_batch`, then bisecting;
+   out-of-memory is a failed probe; no probe starts after the budget is spent.
 
-    timeout 540 python benchmarks/gpu_check.py --out gpu_check.json   # one H100, budget 7 min
+    timeout 480 python benchmarks/gpu_check.py --out gpu_check.json   # one H100: 7 min budget, 8 min at most
     python benchmarks/gpu_check.py --cpu_smoke                         # Tiny / ResEncTiny on the CPU
 """
 
@@ -55,6 +55,7 @@ from _gpu_steps import (  # noqa: E402  (re-exported: the tests reach the step h
     PEAK_BF16_TFLOPS,  # noqa: F401
     Budget,
     StepBench,
+    StopSearch,  # noqa: F401
     gemm_tflops,
     is_out_of_memory,  # noqa: F401
     largest_batch,  # noqa: F401
@@ -66,6 +67,8 @@ from _gpu_steps import (  # noqa: E402  (re-exported: the tests reach the step h
     synchronize,
 )
 
+# seconds of the budget the compiled steps leave to the largest-batch search (GPU run)
+SEARCH_RESERVE_S = 90.0
 # warm-up steps of a compiled configuration: I-JEPA compiles at its first step (static shapes) and
 # again at the first change of each mask length (context, target; usually both at the second
 # step); a recompile after these shows up as `recompiles_while_timed`
@@ -276,21 +279,21 @@ def compiled_child(args: argparse.Namespace) -> int:
     return 0
 
 
-def measure_compiled(plan: Plan, device: torch.device, precision: str, backend: str, budget: Budget,
+def measure_compiled(plan: Plan, device: torch.device, precision: str, backend: str, seconds: float,
                      eager: dict[str, dict], peak: float | None) -> dict:
-    """Run `compiled_child` with the time that is left; merge its lines with the eager results."""
+    """Run `compiled_child` for at most `seconds`; merge its lines with the eager results."""
     trainers = [t for t in plan.trainers if "step_s_median" in eager.get(t, {})]
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_compiled_child", "--device", str(device),
            "--precision", precision, "--backend", backend, "--warmup", str(COMPILE_WARMUP),
            "--timed", str(plan.timed), "--trainers", *(f"{t}@{eager[t]['batch']}" for t in trainers)]
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        out, err = child.communicate(timeout=max(1.0, budget.left()))
+        out, err = child.communicate(timeout=max(1.0, seconds))
         note = None if child.returncode == 0 else f"child exited {child.returncode}: {err[-2000:]}"
     except subprocess.TimeoutExpired:
         child.kill()
         out, err = child.communicate()
-        note = "time budget (--budget_s) ran out while compiling"
+        note = f"time budget ran out while compiling ({seconds:.0f} s given)"
     lines = {d["trainer"]: d for d in (json.loads(x) for x in out.splitlines() if x.startswith("{"))}
     results = {}
     for trainer in trainers:
@@ -374,33 +377,35 @@ def run_check(args: argparse.Namespace) -> dict:
               if first.get("batch") == plan.batch and "step_s_median" in first and budget.left() > 0
               else {"skipped": f"time budget, or {plan.trainers[0]} did not run at batch {plan.batch}"})
 
-    # 4. the largest batch
+    # 4. the compiled steps, leaving SEARCH_RESERVE_S for the search
+    def compiled() -> dict:
+        if args.cpu_smoke and not args.compile_smoke:
+            return {"skipped": "--cpu_smoke without --compile_smoke"}
+        reserve = 0.0 if args.cpu_smoke else SEARCH_RESERVE_S
+        if budget.left() - reserve < 5:
+            return {"skipped": "time budget"}
+        return measure_compiled(plan, device, precision, args.compile_backend, budget.left() - reserve, eager,
+                                peak["tflops"])
+
+    parts.run("compile", compiled)
+    # 5. the largest batch, with what is left
     def searches() -> dict:
         found = {}
         for s in measured:
             if plan.search_trainers is not None and s["trainer"] not in plan.search_trainers:
                 found[s["trainer"]] = {"skipped": "not searched in this plan"}
-            elif budget.left() < (0 if args.cpu_smoke else 30):
+            elif budget.left() <= 0:
                 found[s["trainer"]] = {"skipped": "time budget"}
             else:
                 bench = StepBench(s["trainer"], device, precision)
                 try:
-                    found[s["trainer"]] = search_batch(bench, plan, s, peak["tflops"])
+                    found[s["trainer"]] = search_batch(bench, plan, s, peak["tflops"], budget)
                 finally:
                     bench.release()
         return found
 
     parts.run("largest_batch", searches)
 
-    # 5. the compiled steps, with what is left
-    def compiled() -> dict:
-        if args.cpu_smoke and not args.compile_smoke:
-            return {"skipped": "--cpu_smoke without --compile_smoke"}
-        if budget.left() < 5:
-            return {"skipped": "time budget"}
-        return measure_compiled(plan, device, precision, args.compile_backend, budget, eager, peak["tflops"])
-
-    parts.run("compile", compiled)
     result["wall_s"] = args.budget_s - budget.left()
     return result
 

@@ -107,6 +107,7 @@ def test_smoke_loader_ddp_and_batch_search_are_complete(smoke):
             assert "skipped" in search
             continue
         assert search["largest_batch"] == plan["max_batch"] and search["capped_by_max_batch"]
+        assert not search["stopped_by_budget"]
         assert [p["batch"] for p in search["probes"]] == [plan["max_batch"]] and search["probes"][0]["fits"]
     assert "skipped" in result["compile"]
     assert set(result["part_s"]) == {"steps", "loader", "ddp", "largest_batch", "compile"}
@@ -145,6 +146,13 @@ def test_batch_search_doubles_then_bisects_and_counts_out_of_memory_as_a_failure
     assert calls == [17] and best == 17
     calls.clear()
     assert bench.largest_batch(fits, known=8, cap=16, bisect=2)[0] == 16 and calls == [16]
+    def stop_at_32(b: int):
+        if b == 32:
+            raise bench.StopSearch(b, "time budget")
+        return fits(b)
+
+    best, probes = bench.largest_batch(stop_at_32, known=8, cap=128, bisect=2)
+    assert best == 16 and probes[-1] == {"batch": 32, "stopped": "time budget"}  # what ran is kept
     assert bench.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert not bench.is_out_of_memory(RuntimeError("shape mismatch"))
 
@@ -154,7 +162,7 @@ def test_compiled_child_reports_each_trainer_and_merges_with_eager(one_thread, m
     plan = replace(bench.SMOKE_PLAN, trainers=("MAETrainer_Tiny_P32",))
     monkeypatch.setenv("PYTHONPATH", _env()["PYTHONPATH"])  # the child imports this checkout's nnssl
     eager = {"MAETrainer_Tiny_P32": bench.measure_config("MAETrainer_Tiny_P32", torch.device("cpu"), "fp32", plan, 1.0)}
-    result = bench.measure_compiled(plan, torch.device("cpu"), "fp32", "eager", bench.Budget(300), eager, 1.0)
+    result = bench.measure_compiled(plan, torch.device("cpu"), "fp32", "eager", 300.0, eager, 1.0)
     line, base = result["per_trainer"]["MAETrainer_Tiny_P32"], eager["MAETrainer_Tiny_P32"]
     assert result["note"] is None and "error" not in line, line
     assert line["graphs_compiled_in_warmup"] == 1 and line["recompiles_while_timed"] == 0

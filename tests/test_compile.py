@@ -137,3 +137,14 @@ def test_inductor_compiled_run_trains_and_matches_eager(roots, monkeypatch, tmp_
     assert _losses(compiled, "val_loss") == pytest.approx(_losses(eager, "val_loss"), rel=LOSS_RTOL)
     state = torch.load(outcome.checkpoint, weights_only=True)["method_state"]
     assert list(state) == list(build_method(resolve_config(trainer)).state_dict())
+
+
+def test_cli_flag_and_option_validation():
+    from nnssl.cli.train import build_parser
+    from nnssl.errors import InvalidInput
+
+    parser = build_parser()
+    assert parser.parse_args(["--compile"]).compile is True and parser.parse_args([]).compile is False
+    assert RunOptions().compile is False  # off until measured on a GPU
+    with pytest.raises(InvalidInput, match="compile_backend"):
+        RunOptions(compile=True, compile_backend="tensorrt")
