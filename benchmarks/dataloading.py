@@ -46,21 +46,24 @@ BATCH = 8
 REFERENCE_REGION = {160: 257, 96: 154}  # reference's initial patch for ±30° rotation (257/160 ratio)
 
 
-def make_volumes(folder: Path, seed: int = 0) -> list[CaseRecord]:
-    """Smooth head-like volumes (zero background, textured ellipsoid, a defaced slab)."""
+def make_volumes(folder: Path, seed: int = 0, shape: tuple[int, int, int] = SHAPE, num_volumes: int = NUM_VOLUMES,
+                 patch: int = 160) -> list[CaseRecord]:
+    """Smooth head-like volumes (zero background, textured ellipsoid, a defaced slab), stored as
+    preprocessing stores them for `patch`³ training crops (benchmarks/gpu_check.py also uses
+    smaller ones for its CPU smoke run)."""
     rng = np.random.default_rng(seed)
-    grid = np.meshgrid(*[np.linspace(-1, 1, s, dtype=np.float32) for s in SHAPE], indexing="ij", sparse=True)
+    grid = np.meshgrid(*[np.linspace(-1, 1, s, dtype=np.float32) for s in shape], indexing="ij", sparse=True)
     head = (grid[0] ** 2 / 0.8 + grid[1] ** 2 + grid[2] ** 2 / 0.8) < 0.85
     cases = []
-    for i in range(NUM_VOLUMES):
+    for i in range(num_volumes):
         coarse = rng.standard_normal((13, 16, 13)).astype(np.float32)
-        texture = ndi.zoom(coarse, [s / c for s, c in zip(SHAPE, coarse.shape)], order=1)
-        image = (texture + 0.05 * rng.standard_normal(SHAPE, dtype=np.float32)) * head
-        anon = np.zeros((1, *SHAPE), dtype=np.uint8)
-        anon[:, :, : SHAPE[1] // 6, : SHAPE[2] // 2] = 1  # face region
+        texture = ndi.zoom(coarse, [s / c for s, c in zip(shape, coarse.shape)], order=1)
+        image = (texture + 0.05 * rng.standard_normal(shape, dtype=np.float32)) * head
+        anon = np.zeros((1, *shape), dtype=np.uint8)
+        anon[:, :, : shape[1] // 6, : shape[2] // 2] = 1  # face region
         stem = folder / f"case_{i:02d}"
-        save_array(stem.with_suffix(".b2nd"), image[None].astype(np.float32), patch_size=(160, 160, 160))
-        save_array(folder / f"case_{i:02d}__anon.b2nd", anon, patch_size=(160, 160, 160))
+        save_array(stem.with_suffix(".b2nd"), image[None].astype(np.float32), patch_size=(patch,) * 3)
+        save_array(folder / f"case_{i:02d}__anon.b2nd", anon, patch_size=(patch,) * 3)
         cases.append(CaseRecord(f"bench__ds__sub-{i:02d}__ses-1__case_{i:02d}", f"bench__ds__sub-{i:02d}",
                                 stem.with_suffix(".b2nd"), folder / f"case_{i:02d}__anon.b2nd", None))
     return cases

@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(V100, T4), fp32 on the CPU")
     p.add_argument("--stop_at_step", type=int, default=None,
                    help="stop with a checkpoint before this optimizer step (time-boxed jobs; resume with --c)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the method's forward (off by default: not yet measured on a GPU; the first "
+                        "steps compile, see documentation/training.md)")
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="PATH=VALUE",
                    help="override any setting, e.g. --set ijepa.ema_start=0.99 mask.num_targets=3 "
                         "optim.peak_lr=1e-3 patch_size=[96,96,96] (values are JSON; see --print_config)")
@@ -96,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             num_gpus=a.num_gpus, device=a.device, continue_training=a.continue_training,
             pretrained_weights=a.pretrained_weights, num_workers=a.num_workers,
             checkpoint_every_minutes=a.checkpoint_minutes, log_every=a.log_every, precision=a.precision,
-            stop_at_step=a.stop_at_step)
+            stop_at_step=a.stop_at_step, compile=a.compile)
         if a.print_config:
             print_config(config, options)
             return 0

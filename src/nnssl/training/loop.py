@@ -8,6 +8,9 @@ teacher). Everything the step depends on (batches, masks, schedules) is a pure
 function of the step number, so a checkpoint with the step, weights, optimizer and RNG state
 resumes exactly.
 
+`--compile` (`training/compilation.py`): the method's forward runs through torch.compile; the
+rest of the step (masks, optimizer, EMA) is unchanged.
+
 Stops: the end of the schedule (`checkpoint_final.pth`), SIGTERM / SIGUSR1 (cluster preemption:
 `checkpoint_latest.pth`, then `TrainOutcome.stopped_by`), `stop_at_step`, or too many non-finite
 losses in a row (`TrainingDiverged`, after saving the last good state).
@@ -32,6 +35,7 @@ from nnssl.methods.base import VALIDATION_STREAM, MethodOutput, PretrainingMetho
 from nnssl.methods.monitors import CollapseTracker, collapse_alarms, collapse_metrics
 from nnssl.methods.schedules import lr_at, momentum_at, wd_at
 from nnssl.training import distributed
+from nnssl.training.compilation import compile_method, compiled_graph_count
 from nnssl.training.setup import RunContext, loader_config
 from nnssl.training.step import StepResult, optimizer_step
 
@@ -55,9 +59,9 @@ class TrainOutcome:
     val_loss: float | None = None
 
 
-class _StepModule(torch.nn.Module):
+class StepModule(torch.nn.Module):
     """Routes DDP's forward to `method.training_output` (DDP syncs gradients of what its own
-    forward ran)."""
+    forward ran). Public so the GPU check's DDP step wraps exactly what the trainer wraps."""
 
     def __init__(self, method: PretrainingMethod) -> None:
         super().__init__()
@@ -135,6 +139,8 @@ class Trainer:
         self.state: TrainState = state
         self.schedule = self.config.schedule_config()
         self.device = torch.device(self.dist.device)
+        if ctx.options.compile:
+            compile_method(self.method, ctx.options.compile_backend)
         self.model = self._wrap(self.method)
         self.tracker = CollapseTracker(self.config.total_steps, self.config.warmup_steps)
         self.precision = resolve_precision(ctx.options.precision, self.device)
@@ -150,13 +156,17 @@ class Trainer:
             logger.info("precision %s (--precision %s on %s)%s", self.precision, ctx.options.precision,
                         self.device.type, f"; {self.config.grad_accumulation} micro-batches per step"
                         if self.config.grad_accumulation > 1 else "")
+            if ctx.options.compile:
+                logger.info("torch.compile (%s) of the method's forward: the first steps compile (minutes on a "
+                            "GPU); compiled_graphs in the log counts compiles and recompiles",
+                            ctx.options.compile_backend)
         if state.tracker_state:
             self.tracker.load_state_dict(state.tracker_state)
         self.log_every = ctx.options.log_every or max(1, min(50, self.config.iterations_per_epoch))
         self._last_checkpoint_time = time.monotonic()
 
     def _wrap(self, method: PretrainingMethod) -> torch.nn.Module:
-        step_module = _StepModule(method)
+        step_module = StepModule(method)
         if not self.dist.distributed:
             return step_module
         ids = [self.device.index] if self.device.type == "cuda" else None
@@ -330,6 +340,8 @@ class Trainer:
         }
         if self.scaler is not None:
             values["loss_scale"] = float(self.scaler.get_scale())
+        if self.ctx.options.compile:
+            values["compiled_graphs"] = float(compiled_graph_count())
         if self.device.type == "cuda":
             values["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         values.update(out.scalars)

@@ -1,7 +1,7 @@
 """Run options of `nnssl_train`: what to train on and how to run it (not hyperparameters).
 
 Hyperparameters live in the `TrainingConfig` (trainer name plus overrides); these are the knobs
-of one run: the dataset, devices, resume, workers, checkpoint cadence. Validated once, all
+of one run: the dataset, devices, resume, workers, checkpoint cadence, torch.compile. Validated once, all
 problems reported together.
 """
 
@@ -13,6 +13,9 @@ from pathlib import Path
 from nnssl.errors import InvalidInput
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+# torch.compile backends by cost: inductor generates kernels (what --compile means); aot_eager
+# traces forward and backward without code generation; eager only captures graphs (dynamo)
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,10 @@ class RunOptions:
     precision: str = "auto"  # auto: bf16 on GPUs with bf16, fp16 + loss scaling on older GPUs, fp32 elsewhere
     stop_at_step: int | None = None  # stop with a checkpoint before this step (tests, time-boxed jobs)
     progress_bar: bool | None = None  # None: when stderr is a terminal
+    # torch.compile of the method's forward (off until measured on a GPU; loop.compile_method);
+    # compile_backend "aot_eager" / "eager" isolate a compile problem from inductor's code generation
+    compile: bool = False
+    compile_backend: str = "inductor"
 
     def __post_init__(self) -> None:
         problems = []
@@ -48,6 +55,8 @@ class RunOptions:
             problems.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.stop_at_step is not None and self.stop_at_step < 0:
             problems.append(f"stop_at_step must be >= 0, got {self.stop_at_step}")
+        if self.compile and self.compile_backend not in COMPILE_BACKENDS:
+            problems.append(f"compile_backend must be one of {COMPILE_BACKENDS}, got {self.compile_backend!r}")
         if self.continue_training and self.pretrained_weights is not None:
             problems.append("--c and -pretrained_weights exclude each other: a resumed run already has its weights")
         if self.pretrained_weights is not None and not Path(self.pretrained_weights).is_file():
