@@ -218,9 +218,12 @@ class Trainer:
                                                                                 self.ctx.options.stop_at_step)
         self.method.train()
         loader = PretrainLoader(self.ctx.data.train_cases,
-                                loader_config(cfg, self.ctx.options, self.ctx.local_batch_size),
+                                loader_config(cfg, self.ctx.options, self.ctx.local_batch_size, device=self.device),
                                 rank=self.dist.rank, world_size=self.dist.world_size, start_step=state.step,
                                 end_step=end)
+        if self.dist.is_main:
+            logger.info("augmentation %s (loader.augment_on_device %s)", f"on {self.device}" if loader.augment_on_device
+                        else "in the loader workers", cfg.loader.augment_on_device)
         interval, nonfinite, self._stop_flag = _Interval(), 0, False
         bar = self._progress_bar(end)
         with _StopSignals() as signals, loader:
@@ -230,6 +233,8 @@ class Trainer:
                 t0 = time.perf_counter()
                 batch = next(batches)
                 t1 = time.perf_counter()
+                # to the device; a RawBatch (loader.augment_on_device) is augmented there, in the step's time
+                batch = batch.to(self.device, non_blocking=True)
                 result = self.train_step(batch, state.step)
                 loss, out = result.loss, result.output
                 interval.add(loss, time.perf_counter() - t0, t1 - t0)
