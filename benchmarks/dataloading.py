@@ -1,4 +1,5 @@
-"""Data loading throughput: our loader against the reference approach and the decompression floor.
+"""Data loading throughput: our loader against the reference approach and the decompression floor,
+and what a worker costs when augmentation runs on the training device.
 
     python benchmarks/dataloading.py [--quick]
 
@@ -6,7 +7,10 @@ Prints ONE JSON object. Generates 8 head-like volumes of 200x240x200 (float32 im
 anonymization mask) once into a temporary folder with the project's blosc2 storage, then measures
 batches/s for batch 8 at 160³ and 96³ with one worker and with all CPUs, for:
 - `ours_default`: PretrainLoader with the default augmentation (zoom p=0.2, rotation p=0.2,
-  mirroring, light intensity);
+  mirroring, light intensity), all of it in the workers (the CPU path);
+- `ours_device`: the same samples (same seed, same draws) with `augment_on_device=True`: the
+  workers only read and decompress each sample's source region; the consumer takes the
+  `RawBatch` without augmenting it, so this is the workers' side alone;
 - `ours_light`: PretrainLoader without zoom/rotation (crop, mirroring, intensity);
 - `reference`: the reference nnssl approach: read the 257³-equivalent region (image and mask,
   zero padded) around a random centre, then batchgenerators' SpatialTransform (rotation ±30° and
@@ -16,6 +20,13 @@ Files sit in the page cache, so this measures decompression and compute, not the
 number is the best of two runs (the machine may be shared).
 Headline: `speedup_vs_reference` (ours_default / reference, 160³, all workers) and
 `fraction_of_floor` (ours_light / floor, 160³, all workers).
+
+`worker_cost_160`: seconds one worker spends per 160³ sample (1 / samples/s with one worker) for
+each variant, and `cpu_augmenting_over_device` (ours_default's cost / ours_device's).
+`device_side_on_this_cpu_s_per_batch`: `RawBatch.to("cpu")`, i.e. the work that moved to the
+device, timed on this CPU. `workers_per_gpu` (`_gpu_demand.py`): per backbone and method, the
+workers one GPU needs by the formula ⌈GPU samples/s / one worker's samples/s⌉, the GPU side an
+ESTIMATE (40 % of an H100's dense bf16 peak over the FLOPs per sample), not a measurement.
 """
 
 from __future__ import annotations
@@ -39,6 +50,9 @@ from nnssl.dataloading.augment import AugmentConfig
 from nnssl.dataloading.dataset import CaseRecord
 from nnssl.dataloading.loader import LoaderConfig, PretrainLoader, available_cpus
 from nnssl.preprocessing.storage import open_array, read_region, save_array
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _gpu_demand import workers_per_gpu  # noqa: E402
 
 SHAPE = (200, 240, 200)
 NUM_VOLUMES = 8
@@ -156,6 +170,22 @@ def batches_per_second(make: Callable[[], Iterator], warmup: int, timed: int, re
     return round(max(rates), 3)
 
 
+def device_side_seconds(cases: list[CaseRecord], batches: int) -> float:
+    """Median seconds of `RawBatch.to("cpu")` (160³, batch 8, default augmentation, one thread):
+    the resampling, mirroring and intensity work that augmentation on the device takes off the
+    workers, timed on this CPU (on a GPU it is the device's work instead)."""
+    config = LoaderConfig((160,) * 3, BATCH, num_workers=0, foreground_probability=0.0, pin_memory=False, seed=1,
+                          augment_on_device=True)
+    loader = PretrainLoader(cases, config)
+    times = []
+    for step in range(batches):
+        raw = loader.batch_at(step)
+        start = time.perf_counter()
+        raw.to("cpu")
+        times.append(time.perf_counter() - start)
+    return round(sorted(times)[len(times) // 2], 3)
+
+
 def run(quick: bool) -> dict:
     cpus = available_cpus()
     worker_counts = sorted({1, cpus})
@@ -170,17 +200,19 @@ def run(quick: bool) -> dict:
             scale = 1 if patch == 160 else 3  # smaller patches: more batches for a stable rate
             for workers in worker_counts:
                 warm = workers
-                n_fast = (1 if quick else 3) * scale * workers
+                n_fast = (1 if quick else 4) * scale * workers
                 n_slow = 1 * workers
 
-                def ours(aug: AugmentConfig) -> Callable[[], Iterator]:
+                def ours(aug: AugmentConfig, on_device: bool = False) -> Callable[[], Iterator]:
                     cfg = LoaderConfig((patch,) * 3, BATCH, num_workers=workers, augment=aug,
-                                       foreground_probability=0.0, pin_memory=False, seed=1)
+                                       foreground_probability=0.0, pin_memory=False, seed=1,
+                                       augment_on_device=on_device)
                     return lambda: iter(PretrainLoader(cases, cfg))
 
                 light = AugmentConfig(zoom_probability=0.0, rotation_probability=0.0)
                 per_patch[str(workers)] = {
                     "ours_default": batches_per_second(ours(AugmentConfig()), warm, n_fast),
+                    "ours_device": batches_per_second(ours(AugmentConfig(), on_device=True), warm, n_fast),
                     "ours_light": batches_per_second(ours(light), warm, n_fast),
                     "reference": batches_per_second(
                         lambda: _dataloader(ReferenceStream(cases, patch), workers), warm, n_slow),
@@ -188,12 +220,18 @@ def run(quick: bool) -> dict:
                         lambda: _dataloader(FloorStream(cases, patch), workers), warm, n_fast),
                 }
             results[f"{patch}^3"] = per_patch
+        device_side = device_side_seconds(cases, batches=2 if quick else 4)
     all_160 = results["160^3"][str(cpus)]
+    one_worker = results["160^3"]["1"]
+    worker_cost = {f"{name}_s": 1.0 / (rate * BATCH) for name, rate in one_worker.items() if name != "reference"}
+    worker_cost["cpu_augmenting_over_device"] = worker_cost["ours_default_s"] / worker_cost["ours_device_s"]
     derived = {
         f"{p}^3_{w}_workers": {
             "speedup_vs_reference": round(r["ours_default"] / r["reference"], 2),
             "fraction_of_floor_light": round(r["ours_light"] / r["floor"], 2),
             "fraction_of_floor_default": round(r["ours_default"] / r["floor"], 2),
+            "fraction_of_floor_device_workers": round(r["ours_device"] / r["floor"], 2),
+            "device_workers_over_default": round(r["ours_device"] / r["ours_default"], 2),
         }
         for p in (160, 96) for w, r in results[f"{p}^3"].items()
     }
@@ -203,6 +241,12 @@ def run(quick: bool) -> dict:
         "unit": "batches/s, batch 8, one channel",
         "batches_per_second": results,
         "ratios": derived,
+        "worker_cost_160": worker_cost,
+        "device_side_on_this_cpu_s_per_batch": device_side,
+        "workers_per_gpu": workers_per_gpu(
+            {"cpu_augmentation": one_worker["ours_default"] * BATCH,
+             "device_augmentation": one_worker["ours_device"] * BATCH},
+            count_steps=1 if quick else 4),
         "setup": {
             "volumes": NUM_VOLUMES, "shape": list(SHAPE),
             "image_compression_ratio": round(float(image.cratio), 2),

@@ -131,34 +131,34 @@ def _rows(params: list[IntensityParams], name: str, device: torch.device
 
 def apply_intensity_batch(data: torch.Tensor, params: list[IntensityParams]) -> None:
     """`augment.apply_intensity` for a whole batch [B, C, X, Y, Z] on its device, in place: each
-    change runs once over the samples that drew it, with per-sample statistics (min, max, mean,
-    std over all channels), float32 arithmetic and float64 statistics as on the CPU path."""
+    change runs once over the samples that drew it (gathered, changed in place, written back),
+    with per-sample statistics (min, max, mean, std over all channels), float32 arithmetic and
+    float64 statistics as on the CPU path. No value is read back to the host (no device sync)."""
     device, stats = data.device, _statistics_dtype(data.device)
+    f32 = torch.float32
     brightness = _rows(params, "brightness", device)
     if brightness is not None:
         index, factor = brightness
-        data[index] = data[index] * factor.to(torch.float32)
+        data.index_copy_(0, index, data.index_select(0, index).mul_(factor.to(f32)))
     contrast = _rows(params, "contrast", device)
     if contrast is not None:
         index, factor = contrast
-        x = data[index]
+        x = data.index_select(0, index)
         flat = x.flatten(1)
         lo, hi = flat.amin(1).view(-1, 1, 1, 1, 1), flat.amax(1).view(-1, 1, 1, 1, 1)
-        mean = flat.mean(1, dtype=stats).to(torch.float32).view(-1, 1, 1, 1, 1)
-        x = (x - mean) * factor.to(torch.float32) + mean
-        data[index] = torch.minimum(torch.maximum(x, lo), hi)
+        mean = flat.mean(1, dtype=stats).to(f32).view(-1, 1, 1, 1, 1)
+        x.sub_(mean).mul_(factor.to(f32)).add_(mean).clamp_(lo, hi)
+        data.index_copy_(0, index, x)
     gamma = _rows(params, "gamma", device)
     if gamma is not None:
         index, exponent = gamma
-        x = data[index]
+        x = data.index_select(0, index)
         flat = x.flatten(1)
         lo, hi = flat.amin(1).to(stats).view(-1, 1, 1, 1, 1), flat.amax(1).to(stats).view(-1, 1, 1, 1, 1)
         std, mean = torch.std_mean(flat.to(stats), dim=1, correction=0)
-        bent = (x - lo.to(torch.float32)) * (1.0 / (hi - lo)).to(torch.float32)
-        bent = bent.pow(exponent.to(torch.float32))
+        bent = (x - lo.to(f32)).mul_((1.0 / (hi - lo)).to(f32)).pow_(exponent.to(f32))
         new_std, new_mean = torch.std_mean(bent.flatten(1).to(stats), dim=1, correction=0)
-        scale = (std / new_std.clamp_min(STD_FLOOR)).to(torch.float32).view(-1, 1, 1, 1, 1)
-        bent = (bent - new_mean.to(torch.float32).view(-1, 1, 1, 1, 1)) * scale + mean.to(torch.float32).view(
-            -1, 1, 1, 1, 1)
+        scale = (std / new_std.clamp_min(STD_FLOOR)).to(f32).view(-1, 1, 1, 1, 1)
+        bent.sub_(new_mean.to(f32).view(-1, 1, 1, 1, 1)).mul_(scale).add_(mean.to(f32).view(-1, 1, 1, 1, 1))
         # a (nearly) constant patch has no contrast to bend: kept as it is, as on the CPU path
-        data[index] = torch.where(hi - lo > GAMMA_MIN_RANGE, bent, x)
+        data.index_copy_(0, index, torch.where(hi - lo > GAMMA_MIN_RANGE, bent, x))
