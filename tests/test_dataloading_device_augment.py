@@ -94,7 +94,8 @@ def test_workers_send_only_the_regions_and_a_raw_batch_says_how_to_use_it(nnssl_
     assert raw.images.numel() == 3 * 16 ** 3  # crops: exactly the patch voxels, nothing else
     with pytest.raises(AttributeError, match=r"batch.to\(device\)"):
         _ = raw.data
-    assert not PretrainLoader(cases, _config(augment=BUSY)).augment_on_device  # explicit off (the fixture)
+    assert not PretrainLoader(cases, _config(augment=BUSY)).augment_on_device  # the fixture sets it off
+    assert PretrainLoader(cases, _config(augment_on_device=None)).augment_on_device == torch.cuda.is_available()
     assert resolve_augment_on_device(None, "cuda:1") and not resolve_augment_on_device(None, "cpu")
     assert not resolve_augment_on_device(False, "cuda") and resolve_augment_on_device(True, "cpu")
 
@@ -105,3 +106,23 @@ def test_a_failing_read_still_names_the_case(nnssl_roots):
     with pytest.raises(CaseReadError) as err:
         _run(cases, _device_config(num_workers=0), end_step=50)
     assert err.value.image_id == cases[1].image_id and str(cases[1].image) in str(err.value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_the_same_draws_give_the_cpu_paths_patches(nnssl_roots):
+    """The path a CUDA run takes by default. CUDA's interpolation kernels round differently from
+    the CPU's, so a looser tolerance; the nearest-neighbour masks may differ where a sampling
+    point falls half-way between voxels. Written without a GPU to run it on: check the bounds
+    the first time a GPU runs the suite."""
+    cases = _cases(nnssl_roots)
+    cpu_loader = PretrainLoader(cases, _config(augment_on_device=False, num_workers=2, pin_memory=True))
+    device_loader = PretrainLoader(cases, _device_config(num_workers=2, pin_memory=True))
+    with cpu_loader, device_loader:
+        for expected, raw in zip(cpu_loader, device_loader):
+            assert isinstance(raw, RawBatch) and raw.images.is_pinned()
+            got = raw.to("cuda")
+            assert got.data.is_cuda and got.anonymization_mask.is_cuda
+            torch.testing.assert_close(got.data.cpu(), expected.data, rtol=1e-4, atol=1e-4)
+            assert (got.anonymization_mask.cpu() != expected.anonymization_mask).float().mean() < 1e-3
+            if raw.step == 5:
+                break

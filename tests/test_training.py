@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -63,13 +64,17 @@ def test_run_writes_the_reference_layout_and_a_complete_checkpoint(roots):
     assert "val_loss" in log and "train_loss" in log
 
 
-def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(roots, tmp_path, monkeypatch):
-    full = _train()
+@pytest.mark.parametrize("augment_on_device", [None, True], ids=["auto", "on_device"])
+def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(roots, tmp_path, monkeypatch, augment_on_device):
+    config = resolve_config(TINY)
+    # on_device: the path a CUDA run takes by default (RawBatch.to(device) in the loop), here on the CPU
+    config = replace(config, loader=replace(config.loader, augment_on_device=augment_on_device))
+    full = train(_options(), config)
     reference = _load(Path(full.checkpoint))
     monkeypatch.setenv("nnssl_results", str(tmp_path / "resumed"))
-    stopped = _train(stop_at_step=4)  # mid-epoch, after a validation and a checkpoint
+    stopped = train(_options(stop_at_step=4), config)  # mid-epoch, after a validation and a checkpoint
     assert not stopped.finished and stopped.stopped_by == "stop_at_step" and stopped.step == 4
-    resumed = _train(continue_training=True)
+    resumed = train(_options(continue_training=True), config)
     assert resumed.finished and resumed.step == 6
     again = _load(Path(resumed.checkpoint))
     assert again["history"]["train_loss"] == reference["history"]["train_loss"]
