@@ -3,7 +3,7 @@ workers that takes. Used by benchmarks/dataloading.py, which measures the other 
 one loader worker delivers) in the same run.
 
     GPU samples/s  D = utilisation × peak / FLOPs per sample
-    workers / GPU    = ⌈D / r⌉, r = samples/s of one worker (measured)
+    workers / GPU    = ⌈D / r⌉, r = samples/s of one worker (measured: 1 / its CPU seconds per sample)
 
 Peak: the dense bf16 tensor-core peak of an H100 SXM (989.4 TFLOP/s, `_gpu_steps.PEAK_BF16_TFLOPS`);
 utilisation 40 % (an assumption, not a measurement: `benchmarks/gpu_check.py` measures the real

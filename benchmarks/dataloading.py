@@ -21,8 +21,12 @@ number is the best of two runs (the machine may be shared).
 Headline: `speedup_vs_reference` (ours_default / reference, 160³, all workers) and
 `fraction_of_floor` (ours_light / floor, 160³, all workers).
 
-`worker_cost_160`: seconds one worker spends per 160³ sample (1 / samples/s with one worker) for
-each variant, and `cpu_augmenting_over_device` (ours_default's cost / ours_device's).
+`worker_cost_160`: what one worker costs per 160³ sample, two ways: CPU seconds (`cpu_s_*`:
+`time.process_time()` of building the same 48 samples in this process with one blosc2 and one
+torch thread, as a worker has; robust on a shared machine, and the number the workers-per-GPU
+formula uses) and wall seconds with one worker process (`wall_s_*`: 1 / its samples/s above), for
+the CPU-augmenting worker (`ours_default`) and the device path's worker (`ours_device`: read +
+decompress + region crop, no interpolation), with the ratios `cpu_augmenting_over_device_*`.
 `device_side_on_this_cpu_s_per_batch`: `RawBatch.to("cpu")`, i.e. the work that moved to the
 device, timed on this CPU. `workers_per_gpu` (`_gpu_demand.py`): per backbone and method, the
 workers one GPU needs by the formula ⌈GPU samples/s / one worker's samples/s⌉, the GPU side an
@@ -170,6 +174,26 @@ def batches_per_second(make: Callable[[], Iterator], warmup: int, timed: int, re
     return round(max(rates), 3)
 
 
+def worker_cpu_seconds(cases: list[CaseRecord], on_device: bool, batches: int) -> float:
+    """CPU seconds per 160³ sample of building batches 1 .. `batches` (seed 1, default augmentation)
+    in this process, as one worker would: one blosc2 and one torch thread, so process time is the
+    worker's own work whatever else the machine runs."""
+    config = LoaderConfig((160,) * 3, BATCH, num_workers=0, foreground_probability=0.0, pin_memory=False, seed=1,
+                          augment_on_device=on_device)
+    loader = PretrainLoader(cases, config)
+    threads = torch.get_num_threads()
+    blosc2.set_nthreads(1)
+    torch.set_num_threads(1)
+    try:
+        loader.batch_at(0)  # first touches: page cache, allocator
+        start = time.process_time()
+        for step in range(1, batches + 1):
+            loader.batch_at(step)
+        return (time.process_time() - start) / (batches * BATCH)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def device_side_seconds(cases: list[CaseRecord], batches: int) -> float:
     """Median seconds of `RawBatch.to("cpu")` (160³, batch 8, default augmentation, one thread):
     the resampling, mirroring and intensity work that augmentation on the device takes off the
@@ -221,10 +245,15 @@ def run(quick: bool) -> dict:
                 }
             results[f"{patch}^3"] = per_patch
         device_side = device_side_seconds(cases, batches=2 if quick else 4)
+        cpu_s = {name: worker_cpu_seconds(cases, on_device, batches=2 if quick else 6)
+                 for name, on_device in (("ours_default", False), ("ours_device", True))}
     all_160 = results["160^3"][str(cpus)]
     one_worker = results["160^3"]["1"]
-    worker_cost = {f"{name}_s": 1.0 / (rate * BATCH) for name, rate in one_worker.items() if name != "reference"}
-    worker_cost["cpu_augmenting_over_device"] = worker_cost["ours_default_s"] / worker_cost["ours_device_s"]
+    worker_cost = {f"cpu_s_{name}": seconds for name, seconds in cpu_s.items()}
+    worker_cost.update({f"wall_s_{name}": 1.0 / (rate * BATCH) for name, rate in one_worker.items()
+                        if name != "reference"})
+    worker_cost["cpu_augmenting_over_device_cpu_s"] = cpu_s["ours_default"] / cpu_s["ours_device"]
+    worker_cost["cpu_augmenting_over_device_wall_s"] = one_worker["ours_device"] / one_worker["ours_default"]
     derived = {
         f"{p}^3_{w}_workers": {
             "speedup_vs_reference": round(r["ours_default"] / r["reference"], 2),
@@ -243,9 +272,8 @@ def run(quick: bool) -> dict:
         "ratios": derived,
         "worker_cost_160": worker_cost,
         "device_side_on_this_cpu_s_per_batch": device_side,
-        "workers_per_gpu": workers_per_gpu(
-            {"cpu_augmentation": one_worker["ours_default"] * BATCH,
-             "device_augmentation": one_worker["ours_device"] * BATCH},
+        "workers_per_gpu": workers_per_gpu(  # a worker's samples/s = 1 / its CPU seconds per sample
+            {"cpu_augmentation": 1.0 / cpu_s["ours_default"], "device_augmentation": 1.0 / cpu_s["ours_device"]},
             count_steps=1 if quick else 4),
         "setup": {
             "volumes": NUM_VOLUMES, "shape": list(SHAPE),
