@@ -74,11 +74,12 @@ def short_schedule(base_name: str, schedule: dict):
     import torch
 
     base = getattr(importlib.import_module(TRAINER_MODULES[base_name]), base_name)
+    CPU = torch.device("cpu")
 
     class ShortSchedule(base):  # type: ignore[misc, valid-type]
         # nnU-Net records __init__'s parameters by name (my_init_kwargs): no *args here
         def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,
-                     device: torch.device = torch.device("cpu")):
+                     device: torch.device = CPU):
             super().__init__(plans, configuration, fold, dataset_json, device)
             self.num_epochs = schedule["epochs"]
             self.num_iterations_per_epoch = schedule["iterations_per_epoch"]
@@ -250,9 +251,9 @@ def finetune(job: dict, arm: dict, plans_identifier: str, seed: int, cases: list
     reference = job["arms"][0]["checkpoint"] if scratch else arm["checkpoint"]
     loaded = encoder_matches_checkpoint(trainer, reference)
     if loaded == scratch:
+        problem = "a from-scratch run loaded weights" if scratch else "the pretrained weights were not loaded"
         raise RuntimeError(f"arm {arm['name']!r}, seed {seed}: the encoder {'equals' if scratch else 'differs from'} "
-                           f"{reference} after nnU-Net's initialize(): "
-                           f"{'a from-scratch run loaded weights' if scratch else 'the pretrained weights were not loaded'}")
+                           f"{reference} after nnU-Net's initialize(): {problem}")
     trainer.run_training()
     train_seconds = time.perf_counter() - start
     if cases is None:
@@ -262,8 +263,9 @@ def finetune(job: dict, arm: dict, plans_identifier: str, seed: int, cases: list
     logger = trainer.logger
     result.update(
         seed=seed, loaded_pretrained_encoder=loaded, trainer=type(trainer).__name__,
-        initial_lr=trainer.initial_lr, nnunet_initial_lr=trainer.nnunet_initial_lr, train_seconds=round(train_seconds, 1),
-        test_seconds=round(time.perf_counter() - start, 1), output_folder=str(trainer.output_folder),
+        initial_lr=trainer.initial_lr, nnunet_initial_lr=trainer.nnunet_initial_lr,
+        train_seconds=round(train_seconds, 1), test_seconds=round(time.perf_counter() - start, 1),
+        output_folder=str(trainer.output_folder),
         final_train_loss=float(logger.get_value("train_losses", step=-1)),
         final_pseudo_dice_on_training_cases=[float(d) for d in logger.get_value("dice_per_class_or_region", step=-1)])
     del trainer, logger

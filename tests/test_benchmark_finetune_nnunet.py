@@ -81,7 +81,7 @@ def test_arms_of_different_architectures_are_refused_naming_both(tmp_path):
     checkpoint = torch.load(small / "checkpoint_final.pth", weights_only=True)
     checkpoint["nnssl_adaptation_plan"]["architecture_plans"]["arch_kwargs"]["encoder_eva_depth"] = 3
     torch.save(checkpoint, other)
-    arms = {"a": finetune_nnunet.checkpoint_file("a", str(small)), "b": finetune_nnunet.checkpoint_file("b", str(other))}
+    arms = {name: finetune_nnunet.checkpoint_file(name, str(path)) for name, path in (("a", small), ("b", other))}
     with pytest.raises(SystemExit, match="do not share one architecture") as error:
         finetune_nnunet.check_one_architecture(arms)
     assert str(small / "checkpoint_final.pth") in str(error.value) and str(other) in str(error.value)
