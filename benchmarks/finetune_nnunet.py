@@ -239,6 +239,13 @@ def run_client(client: str, job: dict, out: Path) -> dict:
     return json.loads((out / "finetune_runs.json").read_text())
 
 
+def _rounded(value: Any) -> Any:
+    """Dice values and losses to 4 decimals (the JSON is read by people); other values as they are."""
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    return round(value, 4) if isinstance(value, float) else value
+
+
 def summarize(runs: dict[str, dict[str, dict]]) -> dict[str, Any]:
     """Per arm: every seed's Dice, the mean and the worst seed; for pretrained arms the margin of
     each seed over scratch's mean (the headline, as the dense-probe verdict) and over scratch with
@@ -252,9 +259,9 @@ def summarize(runs: dict[str, dict[str, dict]]) -> dict[str, Any]:
     for arm, seeds in runs.items():
         values = mean_dice(arm)
         entry: dict[str, Any] = {
-            "seeds": {seed: {k: run[k] for k in ("dice", "mean_dice", "twins_union_dice", "train_seconds",
-                                                  "test_seconds", "initial_lr", "nnunet_initial_lr", "final_train_loss",
-                                                  "loaded_pretrained_encoder")} for seed, run in seeds.items()},
+            "seeds": {seed: {k: _rounded(run[k]) for k in (
+                "dice", "mean_dice", "twins_union_dice", "train_seconds", "test_seconds", "initial_lr",
+                "nnunet_initial_lr", "final_train_loss", "loaded_pretrained_encoder")} for seed, run in seeds.items()},
             "mean_dice": round(float(np.mean(list(values.values()))), 4),
             "worst_seed_mean_dice": round(min(values.values()), 4),
             "twins_union_dice": round(float(np.mean([r["twins_union_dice"] for r in seeds.values()])), 4)}
@@ -286,7 +293,7 @@ def prepare_output(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
     p.add_argument("--arm", action="append", default=[], metavar="NAME=PATH",
@@ -305,6 +312,11 @@ def main() -> None:
     p.add_argument("--nnunet_learning_rates", action="store_true",
                    help="train pretrained arms at nnU-Net's own lower rate (1e-4 for Primus) instead of the "
                         "protocol's one rate for all arms; a variant of the protocol, reported as such")
+    return p
+
+
+def main() -> None:
+    p = build_parser()
     args = p.parse_args()
 
     from nnssl.settings import parse_assignments

@@ -102,3 +102,28 @@ def test_bad_arguments_are_refused_before_any_work(args, message, monkeypatch, c
         finetune_nnunet.main()
     assert message in f"{error.value}{capsys.readouterr().err}"
     assert not out.exists()
+
+
+def _documented_commands() -> list[list[str]]:
+    """The arguments of every `benchmarks/finetune_nnunet.py` line in the docs' code blocks and
+    the script's docstring (continuation lines joined)."""
+    import re
+    import shlex
+
+    texts = [p.read_text() for p in (ROOT / "documentation").glob("*.md")] + [finetune_nnunet.__doc__ or ""]
+    commands = []
+    for text in texts:
+        for line in re.sub(r"\\\\?\n\s*", " ", text).splitlines():
+            if "benchmarks/finetune_nnunet.py" in line and "python" in line:
+                words = shlex.split(line.strip().strip("`"))
+                commands.append(words[words.index(next(w for w in words if w.endswith("finetune_nnunet.py"))) + 1:])
+    return commands
+
+
+def test_the_documented_commands_parse():
+    commands = _documented_commands()
+    assert len(commands) >= 5  # the docstring's three, evaluation.md's two, benchmarks.md's
+    for words in commands:
+        args = finetune_nnunet.build_parser().parse_args(words)
+        finetune_nnunet.parse_pairs(args.arm, "--arm")
+        finetune_nnunet.parse_pairs(args.pretrain, "--pretrain")
