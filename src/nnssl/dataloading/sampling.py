@@ -13,9 +13,9 @@ worker) or travel with the raw region to the training device (`raw_batch`, devic
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
