@@ -21,28 +21,36 @@ number is the best of two runs (the machine may be shared).
 Headline: `speedup_vs_reference` (ours_default / reference, 160³, all workers) and
 `fraction_of_floor` (ours_light / floor, 160³, all workers).
 
-`worker_cost_160`: what one worker costs per 160³ sample, two ways: CPU seconds (`cpu_s_*`:
-`time.process_time()` of building the same 48 samples in this process with one blosc2 and one
-torch thread, as a worker has; robust on a shared machine, and the number the workers-per-GPU
-formula uses) and wall seconds with one worker process (`wall_s_*`: 1 / its samples/s above), for
-the CPU-augmenting worker (`ours_default`) and the device path's worker (`ours_device`: read +
-decompress + region crop, no interpolation), with the ratios `cpu_augmenting_over_device_*`.
-`device_side_on_this_cpu_s_per_batch`: `RawBatch.to("cpu")`, i.e. the work that moved to the
-device, timed on this CPU. `workers_per_gpu` (`_gpu_demand.py`): per backbone and method, the
-workers one GPU needs by the formula ⌈GPU samples/s / one worker's samples/s⌉, the GPU side an
-ESTIMATE (40 % of an H100's dense bf16 peak over the FLOPs per sample), not a measurement.
+`worker_cost_160`: what one worker costs per 160³ sample, for the CPU-augmenting worker
+(`ours_default`) and the device path's worker (`ours_device`: read + decompress + region crop, no
+interpolation), three ways, with the ratios `cpu_augmenting_over_device_*`:
+`cpu_s_*`: `time.process_time()` of building the same 48 samples in this process with one blosc2
+and one torch thread, as a worker has (robust on a shared machine); `wall_s_*`: 1 / samples/s
+with one worker process above (not robust: the machine may be shared);
+`worker_process_cpu_s_*`: the CPU seconds per sample of a real worker process (one worker, from
+/proc), which adds moving each batch into shared memory for the training process to the build;
+the workers-per-GPU formula uses these (the in-process `cpu_s_*` where /proc is missing).
+`cpu_s_moved_to_device`: CPU seconds per sample of `RawBatch.to("cpu")` for the same samples
+(one thread), i.e. the work that moves to the GPU, done on this CPU. It exceeds what the
+worker saves (float64 copies of the batch for the intensity statistics, batched gathers, flips
+as copies: memory traffic a GPU does in milliseconds), one reason CPU runs keep the CPU path.
+`workers_per_gpu` (`_gpu_demand.py`): per backbone and method, the workers one GPU needs by the
+formula ⌈GPU samples/s / one worker's samples/s⌉, the GPU side an ESTIMATE (40 % of an H100's
+dense bf16 peak over the FLOPs per sample), not a measurement.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any
 
 import blosc2
 import numpy as np
@@ -174,40 +182,60 @@ def batches_per_second(make: Callable[[], Iterator], warmup: int, timed: int, re
     return round(max(rates), 3)
 
 
-def worker_cpu_seconds(cases: list[CaseRecord], on_device: bool, batches: int) -> float:
-    """CPU seconds per 160³ sample of building batches 1 .. `batches` (seed 1, default augmentation)
-    in this process, as one worker would: one blosc2 and one torch thread, so process time is the
-    worker's own work whatever else the machine runs."""
-    config = LoaderConfig((160,) * 3, BATCH, num_workers=0, foreground_probability=0.0, pin_memory=False, seed=1,
-                          augment_on_device=on_device)
-    loader = PretrainLoader(cases, config)
-    threads = torch.get_num_threads()
-    blosc2.set_nthreads(1)
+def worker_cpu_seconds(cases: list[CaseRecord], batches: int) -> dict[str, float]:
+    """CPU seconds per 160³ sample of batches 1 .. `batches` (seed 1, default augmentation) built in
+    this process as one worker builds them, with one blosc2 and one torch thread, so process time
+    is that work alone whatever else the machine runs: `ours_default` (augmenting on the CPU),
+    `ours_device` (regions only, the same draws) and `moved_to_device` (`RawBatch.to("cpu")` of
+    those regions: the resampling, mirroring and intensity work a GPU takes over)."""
+    def loader(on_device: bool) -> PretrainLoader:
+        return PretrainLoader(cases, LoaderConfig((160,) * 3, BATCH, num_workers=0, foreground_probability=0.0,
+                                                  pin_memory=False, seed=1, augment_on_device=on_device))
+
+    def cpu_seconds(make: Callable[[int], Any], work: Callable[[Any], object]) -> float:
+        """CPU seconds per sample of work(make(step)), steps 1 .. batches; make is not timed."""
+        work(make(0))  # first touches: page cache, allocator
+        total = 0.0
+        for step in range(1, batches + 1):
+            item = make(step)
+            start = time.process_time()
+            work(item)
+            total += time.process_time() - start
+        return total / (batches * BATCH)
+
+    default, device = loader(False), loader(True)
+    threads, blosc2_threads = torch.get_num_threads(), blosc2.set_nthreads(1)
     torch.set_num_threads(1)
     try:
-        loader.batch_at(0)  # first touches: page cache, allocator
-        start = time.process_time()
-        for step in range(1, batches + 1):
-            loader.batch_at(step)
-        return (time.process_time() - start) / (batches * BATCH)
+        return {"ours_default": cpu_seconds(int, default.batch_at), "ours_device": cpu_seconds(int, device.batch_at),
+                "moved_to_device": cpu_seconds(device.batch_at, lambda raw: raw.to("cpu"))}
     finally:
         torch.set_num_threads(threads)
+        blosc2.set_nthreads(blosc2_threads)
 
 
-def device_side_seconds(cases: list[CaseRecord], batches: int) -> float:
-    """Median seconds of `RawBatch.to("cpu")` (160³, batch 8, default augmentation, one thread):
-    the resampling, mirroring and intensity work that augmentation on the device takes off the
-    workers, timed on this CPU (on a GPU it is the device's work instead)."""
-    config = LoaderConfig((160,) * 3, BATCH, num_workers=0, foreground_probability=0.0, pin_memory=False, seed=1,
-                          augment_on_device=True)
-    loader = PretrainLoader(cases, config)
-    times = []
-    for step in range(batches):
-        raw = loader.batch_at(step)
-        start = time.perf_counter()
-        raw.to("cpu")
-        times.append(time.perf_counter() - start)
-    return round(sorted(times)[len(times) // 2], 3)
+def _process_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def worker_process_cpu_seconds(cases: list[CaseRecord], on_device: bool, batches: int) -> float | None:
+    """CPU seconds per 160³ sample of the one worker process of a PretrainLoader (seed 1, default
+    augmentation), from /proc: all it does, including moving each batch into shared memory for
+    the training process. The consumer only takes the batches, so the worker is the bottleneck and
+    is building the next batch both when the count starts and when it ends. None without /proc."""
+    config = LoaderConfig((160,) * 3, BATCH, num_workers=1, foreground_probability=0.0, pin_memory=False, seed=1,
+                          augment_on_device=on_device)
+    with PretrainLoader(cases, config) as loader:
+        stream = iter(loader)
+        next(stream)  # worker started, first touches
+        workers = getattr(loader._iterator, "_workers", [])  # DataLoader's processes (private, benchmark only)
+        if len(workers) != 1 or not Path(f"/proc/{workers[0].pid}/stat").exists():
+            return None
+        before = _process_cpu_seconds(workers[0].pid)
+        for _ in range(batches):
+            next(stream)
+        return (_process_cpu_seconds(workers[0].pid) - before) / (batches * BATCH)
 
 
 def run(quick: bool) -> dict:
@@ -244,15 +272,21 @@ def run(quick: bool) -> dict:
                         lambda: _dataloader(FloorStream(cases, patch), workers), warm, n_fast),
                 }
             results[f"{patch}^3"] = per_patch
-        device_side = device_side_seconds(cases, batches=2 if quick else 4)
-        cpu_s = {name: worker_cpu_seconds(cases, on_device, batches=2 if quick else 6)
-                 for name, on_device in (("ours_default", False), ("ours_device", True))}
+        cpu_s = worker_cpu_seconds(cases, batches=2 if quick else 6)
+        process_s = {name: worker_process_cpu_seconds(cases, on_device, batches=2 if quick else 6)
+                     for name, on_device in (("ours_default", False), ("ours_device", True))}
     all_160 = results["160^3"][str(cpus)]
     one_worker = results["160^3"]["1"]
     worker_cost = {f"cpu_s_{name}": seconds for name, seconds in cpu_s.items()}
     worker_cost.update({f"wall_s_{name}": 1.0 / (rate * BATCH) for name, rate in one_worker.items()
                         if name != "reference"})
+    worker_cost.update({f"worker_process_cpu_s_{name}": seconds for name, seconds in process_s.items()})
     worker_cost["cpu_augmenting_over_device_cpu_s"] = cpu_s["ours_default"] / cpu_s["ours_device"]
+    if None not in process_s.values():
+        worker_cost["cpu_augmenting_over_device_worker_process_cpu_s"] = (process_s["ours_default"]
+                                                                           / process_s["ours_device"])
+    # a worker's samples/s: 1 / its process's CPU seconds per sample (the build alone where /proc is missing)
+    per_sample = {name: process_s[name] or cpu_s[name] for name in ("ours_default", "ours_device")}
     worker_cost["cpu_augmenting_over_device_wall_s"] = one_worker["ours_device"] / one_worker["ours_default"]
     derived = {
         f"{p}^3_{w}_workers": {
@@ -271,9 +305,9 @@ def run(quick: bool) -> dict:
         "batches_per_second": results,
         "ratios": derived,
         "worker_cost_160": worker_cost,
-        "device_side_on_this_cpu_s_per_batch": device_side,
-        "workers_per_gpu": workers_per_gpu(  # a worker's samples/s = 1 / its CPU seconds per sample
-            {"cpu_augmentation": 1.0 / cpu_s["ours_default"], "device_augmentation": 1.0 / cpu_s["ours_device"]},
+        "workers_per_gpu": workers_per_gpu(
+            {"cpu_augmentation": 1.0 / per_sample["ours_default"],
+             "device_augmentation": 1.0 / per_sample["ours_device"]},
             count_steps=1 if quick else 4),
         "setup": {
             "volumes": NUM_VOLUMES, "shape": list(SHAPE),
