@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from nnssl import paths
 from nnssl.errors import InvalidInput, NnsslError
@@ -319,7 +320,8 @@ def _train(config: DemoConfig, dataset: str, result: DemoResult) -> str:
     def calibrate() -> str:
         # the loop adds loading, validation, monitors and checkpoints to the pure step time (~35%
         # measured on the default demo)
-        fit = steps_for_budget(resolve_config(base + "_1ep_1it", overrides=overrides), 60.0 * config.train_minutes, overhead_fraction=0.35)
+        fit = steps_for_budget(resolve_config(base + "_1ep_1it", overrides=overrides), 60.0 * config.train_minutes,
+                               overhead_fraction=0.35)
         steps = min(fit, config.max_steps)
         epochs = min(10, steps)
         holder["trainer"] = f"{base}_{epochs}ep_{max(1, steps // epochs)}it"

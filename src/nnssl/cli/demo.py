@@ -9,8 +9,8 @@ test set -> summary. Exit status 0 when every stage ran, 2 on an input error.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from nnssl.cli.common import add_shape, add_verbose, make_parser, reject_flag, run_cli
 from nnssl.cli.dataset import RENAMED_N

@@ -84,7 +84,8 @@ def format_comparison(result: dict[str, Any]) -> str:
         if key in result:
             s = result[key]
             lines.append(f"  {name}: pretrained {s['pretrained']:.3f} vs random {s['random_mean']:.3f} "
-                         f"(spread {s['random_spread']:.3f}, chance {s['chance']:.3f}): {100 * s['margin']:+.1f} points")
+                         f"(spread {s['random_spread']:.3f}, chance {s['chance']:.3f}): "
+                         f"{100 * s['margin']:+.1f} points")
     c = result["collapse"]
     lines.append("  collapse statistics (pretrained / random): " + ", ".join(
         f"{k} {c['pretrained'][k]:.3g} / {c['random_mean'][k]:.3g}" for k in c["pretrained"]))
