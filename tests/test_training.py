@@ -53,7 +53,8 @@ def test_run_writes_the_reference_layout_and_a_complete_checkpoint(roots):
                 "training_config", "network_weights", "nnssl_adaptation_plan", "trainer_name", "citations"):
         assert key in ckpt, key
     assert all(k.startswith(("eva.", "down_projection.")) for k in ckpt["network_weights"])
-    teacher = {k[len("teacher.primus."):]: v for k, v in ckpt["method_state"].items() if k.startswith("teacher.primus.")}
+    prefix = "teacher.primus."
+    teacher = {k[len(prefix):]: v for k, v in ckpt["method_state"].items() if k.startswith(prefix)}
     assert all(torch.equal(v, teacher[k]) for k, v in ckpt["network_weights"].items())  # the EMA teacher
     history = ckpt["history"]
     assert [p[0] for p in history["train_loss"]] == list(range(1, 7))

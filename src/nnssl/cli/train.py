@@ -10,8 +10,8 @@ SIGUSR1, e.g. cluster preemption; resume with --c), 2 usage or input error, 1 tr
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from nnssl.cli.common import add_verbose, device, make_parser, run_cli
 
@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print_config", action="store_true",
                    help="print the resolved configuration (trainer name + --config + --set, geometry from the plans "
                         "when the dataset is preprocessed) as JSON, then exit")
-    p.add_argument("--list_trainers", action="store_true", help="print the trainer-name grammar and examples, then exit")
+    p.add_argument("--list_trainers", action="store_true",
+                   help="print the trainer-name grammar and examples, then exit")
     add_verbose(p)
     return p
 

@@ -19,8 +19,9 @@ from __future__ import annotations
 import math
 import os
 import traceback
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import blosc2
 import torch

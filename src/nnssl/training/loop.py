@@ -79,7 +79,7 @@ class _StopSignals:
         self.received: str | None = None
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "_StopSignals":
+    def __enter__(self) -> _StopSignals:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -249,8 +249,8 @@ class Trainer:
                     raise TrainingDiverged(
                         f"the loss was not finite for {nonfinite} consecutive steps (last cases: "
                         f"{', '.join(batch.image_ids)}); training stopped at step {state.step}. The last good "
-                        f"state is in {path}. Lower the learning rate (optim.peak_lr {cfg.optim.peak_lr}) or check those "
-                        "cases for extreme intensities, then resume with --c")
+                        f"state is in {path}. Lower the learning rate (optim.peak_lr {cfg.optim.peak_lr}) "
+                        "or check those cases for extreme intensities, then resume with --c")
                 if state.step % self.log_every == 0 or state.step == end:
                     self._log(state.step, interval, out)
                     interval = _Interval()
