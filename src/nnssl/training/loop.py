@@ -262,7 +262,8 @@ class Trainer:
                     path = save_training_checkpoint(self, "checkpoint_latest.pth")
                     logger.info("%s received: saved %s at step %d; resume with --c", stopped, path, state.step)
                     return TrainOutcome(state.step, False, stopped, str(path), state.val_loss)
-                if (epoch_done or self._checkpoint_due()) and state.step < cfg.total_steps:
+                if (self.ctx.options.periodic_checkpoints and (epoch_done or self._checkpoint_due())
+                        and state.step < cfg.total_steps):
                     save_training_checkpoint(self, "checkpoint_latest.pth")
                     self._plot()
         if bar is not None:
