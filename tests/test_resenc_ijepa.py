@@ -1,4 +1,4 @@
-"""I-JEPA on ResEnc-L (IJEPA_SPEC §3 option A, §5): the sparse student's zeros C1, masked
+"""I-JEPA on ResEnc-L (documentation/ijepa_resenc.md, option A): the sparse student's zeros C1, masked
 InstanceNorm C2, no leakage C3/E9 (and E10), mask upsampling C4, dense teacher C5, the nnU-Net
 weight handshake for the real ResEnc-L, the frozen decoder, and a full training step (E1, E3).
 
@@ -43,7 +43,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config():
-    return resolve_config("IJEPATrainer_ResEncTiny_BS2", overrides={"patch_size": PATCH})  # small CPU ops: threads only add noise
+    # small CPU ops: threads only add noise
+    return resolve_config("IJEPATrainer_ResEncTiny_BS2", overrides={"patch_size": PATCH})
 
 
 def _randomise_norms(network: nn.Module) -> None:

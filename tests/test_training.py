@@ -258,3 +258,19 @@ def test_every_method_and_backbone_trains_resumes_and_exports(roots, trainer, tm
     network, _ = load_like_nnunet(str(shared.folder / "checkpoint_final.pth"), 1, 2, tuple(patch))
     with torch.no_grad():
         assert network(torch.randn(1, 1, *patch)).shape == (1, 2, *patch)
+
+
+def test_disable_checkpointing_writes_only_the_final_checkpoint(roots):
+    """The reference's `--disable_checkpointing` (trial runs): no periodic checkpoint_latest.pth."""
+    outcome = _train(periodic_checkpoints=False)
+    fold = _fold(roots, TINY)
+    assert outcome.finished and (fold / "checkpoint_final.pth").is_file()
+    assert not (fold / "checkpoint_latest.pth").exists()
+
+
+@pytest.mark.parametrize("flag, equivalent", [("--npz", "nnUNetv2_train"), ("--val", "nnssl_evaluate"),
+                                              ("--val_best", "nnssl_evaluate")])
+def test_reference_flags_without_a_pretraining_meaning_name_the_equivalent(flag, equivalent, capsys):
+    with pytest.raises(SystemExit) as stop:
+        train_main(["900", "onemmiso", "-tr", TINY, flag])
+    assert stop.value.code == 2 and equivalent in capsys.readouterr().err

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from nnssl.data.collection_validate import non_finite_locations, parse_collection, raise_problems, semantic_problems
 from nnssl.data.entries import (  # noqa: F401

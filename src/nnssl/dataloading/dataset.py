@@ -8,9 +8,9 @@ training and validation; they are written once to `splits_final.json` and reused
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 

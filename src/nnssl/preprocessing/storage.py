@@ -52,7 +52,7 @@ class CaseFiles:
     properties: Path
 
     @classmethod
-    def for_stem(cls, stem: Path) -> "CaseFiles":
+    def for_stem(cls, stem: Path) -> CaseFiles:
         stem = Path(stem)
         return cls(stem, stem.with_name(stem.name + IMAGE_SUFFIX),
                    stem.with_name(stem.name + ANON_SUFFIX), stem.with_name(stem.name + ANAT_SUFFIX),

@@ -254,8 +254,8 @@ class Trainer:
                     raise TrainingDiverged(
                         f"the loss was not finite for {nonfinite} consecutive steps (last cases: "
                         f"{', '.join(batch.image_ids)}); training stopped at step {state.step}. The last good "
-                        f"state is in {path}. Lower the learning rate (optim.peak_lr {cfg.optim.peak_lr}) or check "
-                        "those cases for extreme intensities, then resume with --c")
+                        f"state is in {path}. Lower the learning rate (optim.peak_lr {cfg.optim.peak_lr}) "
+                        "or check those cases for extreme intensities, then resume with --c")
                 if state.step % self.log_every == 0 or state.step == end:
                     self._log(state.step, interval, out)
                     interval = _Interval()
@@ -267,7 +267,8 @@ class Trainer:
                     path = save_training_checkpoint(self, "checkpoint_latest.pth")
                     logger.info("%s received: saved %s at step %d; resume with --c", stopped, path, state.step)
                     return TrainOutcome(state.step, False, stopped, str(path), state.val_loss)
-                if (epoch_done or self._checkpoint_due()) and state.step < cfg.total_steps:
+                if (self.ctx.options.periodic_checkpoints and (epoch_done or self._checkpoint_due())
+                        and state.step < cfg.total_steps):
                     save_training_checkpoint(self, "checkpoint_latest.pth")
                     self._plot()
         if bar is not None:
@@ -317,11 +318,10 @@ class Trainer:
         self.method.eval()
         losses = []
         for i in range(self.config.num_val_iterations):
-            batch = loader.batch_at(i)
+            batch = loader.batch_at(i).to(self.device, non_blocking=False)  # plain crops: a Batch
             with self._autocast():
-                out = self.method.training_output(batch.data.to(self.device), batch.anonymization_mask.to(self.device),
-                                                  i, rank=self.dist.rank, world_size=self.dist.world_size,
-                                                  stream=VALIDATION_STREAM)
+                out = self.method.training_output(batch.data, batch.anonymization_mask, i, rank=self.dist.rank,
+                                                  world_size=self.dist.world_size, stream=VALIDATION_STREAM)
             losses.append(float(out.loss))
         self.method.train()
         val = distributed.all_reduce_mean([sum(losses) / len(losses)], self.dist.device)[0]
