@@ -116,7 +116,9 @@ def _documented_commands() -> list[list[str]]:
         for line in re.sub(r"\\\\?\n\s*", " ", text).splitlines():
             if "benchmarks/finetune_nnunet.py" in line and "python" in line:
                 words = shlex.split(line.strip().strip("`"))
-                commands.append(words[words.index(next(w for w in words if w.endswith("finetune_nnunet.py"))) + 1:])
+                script = [i for i, w in enumerate(words) if w.endswith("finetune_nnunet.py")]
+                if script:  # a command line, not prose or a heading that names the script
+                    commands.append(words[script[0] + 1:])
     return commands
 
 
