@@ -1,30 +1,24 @@
-"""Spec T3 (shrunk to a CPU): the probe on mean-pooled target-encoder features vs random init.
+"""Spec T3 (shrunk to a CPU): the probe on mean-pooled target-encoder features beats random init.
 
 Toy: 64 unlabeled MR phantoms of 48³ (isotropic, fixed orientation, four key-organ shapes)
-pretrain the registry's Tiny Primus I-JEPA (`IJEPATrainer_Tiny_P32`, default recipe) on random
-32³ crops with mirroring, batch 8, 1500 steps (about a minute on an idle core). The probe set is
-240 other phantoms (centre 32³ crop, mean over the 64 tokens), 4 classes (sphere, cuboid, rod,
-pair: equal volume and intensity, so only shape tells them apart; chance 0.25). The probe is the
-one `nnssl_evaluate` runs (`nnssl.evaluation.probe`: standardised features, L2 logistic
-regression C = 0.1, 5 seeded stratified half/half splits by case); the reference is the mean
-over three random initialisations of the same architecture (one random init varies by about 2
-points here).
+pretrain the Tiny Primus I-JEPA with the demo's recipe (`IJEPATrainer_Tiny_P32_lr0.001` with
+`ijepa.sigreg_weight=0.05`, documentation/evaluation.md) on random 32³ crops with mirroring,
+batch 8, 1000 steps (about 40 s on one idle core). The probe set is 240 other phantoms (centre
+32³ crop, mean over the 64 tokens), 4 classes (sphere, cuboid, rod, pair: equal volume and
+intensity, so only shape tells them apart; chance 0.25). The probe is the one `nnssl_evaluate`
+runs (`nnssl.evaluation.probe`: standardised features, L2 logistic regression C = 0.1, 5 seeded
+stratified half/half splits by case); the reference is the mean over three random
+initialisations of the same architecture.
 
-Measured on the first honest runs (accuracy, mean over the 5 splits), frozen here:
+Measured (2026-12-06, accuracy, mean over the 5 splits; random init: mean 0.314, best 0.330):
 
-    1500 steps, seeds 0 / 1 / 2:  pretrained 0.308 / 0.318 / 0.323
-    4000 steps, seeds 0 / 1:      pretrained 0.315 / 0.343
-    random init, seeds 0, 1, 2:   mean 0.314, best 0.330
+    1000 steps, training seeds 0 / 1:  pretrained 0.437 / 0.437  (+12.3 points)
+     500 steps, training seeds 0 / 1:  pretrained 0.365 / 0.353  (+5.1 / +3.9)
+    without SIGReg, lr 3e-4, 1500 steps (the earlier test): 0.308 / 0.318 / 0.323 (about +0)
 
-So at a CPU budget the spec's heuristic bar (pretrained >= random + 5 points) is NOT met: a
-few CPU minutes of I-JEPA move a Tiny ViT only a little from its initialisation, and a random
-ViT's pooled features of the key organ are already above chance. The bars below are what the
-measurements support and what still catches a broken run: the exported target encoder is not
-worse than random init by more than 3 points and clearly above chance (a fully collapsed
-encoder, constant features, scores exactly chance: 0.25, 6 points below random init). It does
-not prove that pretraining helped; nothing measurable at this budget does. Raise MIN_MARGIN to the spec's +0.05
-once a longer (GPU) run of this toy measures it; documentation/evaluation.md lists the
-protocols searched.
+The bar is the spec's: pretrained at least 5 points above the random-init mean. Without the
+anti-collapse term the teacher's pooled features collapse towards one vector and the probe sits
+at random init, which this test would catch.
 """
 
 from __future__ import annotations
@@ -46,9 +40,9 @@ PATCH = 32
 PHANTOM = (48, 48, 48)
 PRETRAIN_VOLUMES = 64
 PROBE_VOLUMES = 240
-STEPS = 1500
-MIN_MARGIN = -0.03  # pretrained accuracy minus the mean random-init accuracy (fraction, not %)
-MIN_ACCURACY = 0.29  # chance is 0.25; measured 0.308-0.323
+STEPS = 1000
+MIN_MARGIN = 0.05  # pretrained accuracy minus the mean random-init accuracy (fraction, not %)
+MIN_ACCURACY = 0.35  # chance is 0.25; measured 0.437
 
 
 def _volumes(num: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -66,9 +60,10 @@ def _volumes(num: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def pretrain(volumes: np.ndarray, steps_: int = STEPS, seed: int = 0):
-    """The Tiny I-JEPA of the training registry, trained with the method API's loop (one thread:
+    """The Tiny I-JEPA with the demo's recipe, trained with the method API's loop (one thread:
     several tests share the CPU, and one thread is deterministic)."""
-    return pretrain_in_memory(volumes, f"IJEPATrainer_Tiny_P{PATCH}", steps_, batch_size=8, seed=seed, threads=1)
+    return pretrain_in_memory(volumes, f"IJEPATrainer_Tiny_P{PATCH}_lr0.001", steps_, batch_size=8, seed=seed,
+                              threads=1, overrides={"ijepa.sigreg_weight": 0.05})
 
 
 def probe_accuracies(method, probe_volumes: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -94,6 +89,6 @@ def result() -> dict[str, float]:
 
 
 @pytest.mark.slow
-def test_t3_target_encoder_probe_is_above_chance_and_not_below_random_init(result):
+def test_t3_target_encoder_probe_beats_random_init_by_five_points(result):
     assert result["pretrained"] - result["random_mean"] >= MIN_MARGIN, result
     assert result["pretrained"] >= MIN_ACCURACY, result
