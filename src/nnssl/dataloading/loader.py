@@ -19,14 +19,16 @@ from __future__ import annotations
 import math
 import os
 import traceback
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import blosc2
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from nnssl.dataloading.augment import AugmentConfig
+from nnssl.dataloading.case_index import CaseIndex
 from nnssl.dataloading.dataset import CaseRecord
 from nnssl.dataloading.patches import CaseReadError
 from nnssl.dataloading.sampling import FOREGROUND_PROBABILITY, PatchSampler, SampleError, SampleSpec
@@ -171,7 +173,7 @@ class _StepStream(IterableDataset):
 
     def __init__(self, cases: Sequence[CaseRecord], config: LoaderConfig, rank: int,
                  start_step: int, end_step: int | None) -> None:
-        self.cases, self.config, self.rank = list(cases), config, rank
+        self.cases, self.config, self.rank = CaseIndex.of(cases), config, rank
         self.start_step, self.end_step = start_step, end_step
 
     def __iter__(self) -> Iterator[Batch | _Failure]:
@@ -213,7 +215,7 @@ class PretrainLoader:
             problems.append(f"need 0 <= start_step <= end_step, got {start_step}, {end_step}")
         if problems:
             raise InvalidInput("cannot build the data loader:", problems)
-        self.cases, self.config, self.rank, self.world_size = list(cases), config, rank, world_size
+        self.cases, self.config, self.rank, self.world_size = CaseIndex.of(cases), config, rank, world_size
         self.end_step = end_step
         self.next_step = start_step
         self.num_workers = (default_num_workers(world_size) if config.num_workers is None
