@@ -64,6 +64,8 @@ def train_one(seed: int) -> tuple[int, dict[str, Any], float]:
     encoder = pre.fit(_DATA["corpus"], _DATA["steps"])
     seconds = time.perf_counter() - start
     print(f"seed {seed}: {_DATA['steps']} steps in {seconds:.0f} s", file=sys.stderr, flush=True)
+    if _DATA["export_dir"]:  # the nnU-Net-ready folder of this seed (e.g. for benchmarks/finetune_nnunet.py)
+        pre.export(Path(_DATA["export_dir"]) / f"seed_{seed}")
     return seed, dense_probe(encoder, _DATA["labeled"]), seconds
 
 
@@ -91,6 +93,8 @@ def main() -> None:
                    help="instead of a protocol set: this labeled folder (cases.json with context_labels; e.g. a "
                         "small one for a smoke run; no verdict is a protocol verdict then)")
     p.add_argument("--random_seeds", type=int, nargs="+", default=None, help="default: the protocol's ten")
+    p.add_argument("--export_dir", default=None,
+                   help="also write each seed's nnssl_export folder here (<dir>/seed_<k>): nnU-Net-ready checkpoints")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads per training job")
     args = p.parse_args()
@@ -120,7 +124,7 @@ def main() -> None:
         labeled = str(Path(args.sets_folder) / args.set_name)
         if identify_labeled_set(labeled) != args.set_name:
             write_protocol_set(args.set_name, labeled, num_processes=args.jobs)
-    _DATA.update(config=config, steps=args.steps, threads=args.threads, labeled=labeled,
+    _DATA.update(config=config, steps=args.steps, threads=args.threads, labeled=labeled, export_dir=args.export_dir,
                  corpus=corpus(args.corpus_volumes, args.corpus_seed, args.corpus == "paired", args.key_organ_scale))
     print(f"corpus and labeled set in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     with multiprocessing.get_context("fork").Pool(args.jobs) as pool:

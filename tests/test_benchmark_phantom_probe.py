@@ -24,7 +24,8 @@ def test_phantom_probe_benchmark_reports_both_probes_per_seed_and_their_verdicts
                                                     paired_organs=True, seed=2))
     done = subprocess.run([sys.executable, str(BENCH), "--trainer", "IJEPATrainer_Tiny_P32_BS2", "--seeds", "0", "1",
                            "--random_seeds", "0", "1", "--steps", "3", "--corpus_volumes", "4", "--jobs", "2",
-                           "--set", "ijepa.sigreg_weight=0.05", "--labeled", str(labeled)],
+                           "--set", "ijepa.sigreg_weight=0.05", "--labeled", str(labeled),
+                           "--export_dir", str(tmp_path / "exports")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
@@ -37,6 +38,8 @@ def test_phantom_probe_benchmark_reports_both_probes_per_seed_and_their_verdicts
         for seed, score in entry["pretrained"].items():
             assert entry["verdict"]["margins"][seed] == pytest.approx(score - reference, abs=1e-3)
     assert {"token_rankme", "cos_across"} <= set(result["collapse"]["0"])
+    for seed in (0, 1):  # the nnU-Net-ready folders of both seeds
+        assert (tmp_path / "exports" / f"seed_{seed}" / "checkpoint_final.pth").is_file()
 
 
 def test_phantom_probe_benchmark_rejects_a_bad_override_or_a_missing_crop():

@@ -1,6 +1,6 @@
 """The encoder feature API (`nnssl.export.features`) and `nnssl_evaluate`.
 
-Checkpoints are written in the contract's format (CONTRACTS.md "Checkpoint") by the helpers
+Checkpoints are written in the contract's format (documentation/finetuning_nnunet.md) by the helpers
 below, from the same constructors training uses, so a loader that drifts from the format fails
 here: loaded tokens must equal the source encoder's tokens exactly.
 """

@@ -1,5 +1,5 @@
 """I-JEPA method: teacher/EMA (E1-E5), loss (L1, L2), parameter groups (O2), resume (O3) and
-bf16 stability (O4) of IJEPA_SPEC §5, plus config validation and export."""
+bf16 stability (O4) (documentation/ijepa_method.md, "Verified by tests"), plus config validation and export."""
 
 from __future__ import annotations
 

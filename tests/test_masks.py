@@ -279,7 +279,7 @@ def test_m10_reference_quirks_reproduce_the_2d_context_ratio():
     assert abs(sum(trimmed) / 20 - 0.25) <= 0.03  # paper ≈ 0.25, spec simulation 0.257
     before = sum(float(r.context_mask.float().mean()) for r in raw) / 20
     target = sum(math.prod(r.target_shape) for r in raw) / 20 / 196
-    assert abs(before - 0.42) <= 0.03 and abs(target - 0.17) <= 0.02  # spec §1.2 simulation
+    assert abs(before - 0.42) <= 0.03 and abs(target - 0.17) <= 0.02  # documentation/ijepa_masking.md's simulation
 
 
 # ---------------------------------------------------------------- M11 (index part)

@@ -1,4 +1,4 @@
-"""Collapse monitors (spec §4): known values on constructed features; alarms fire on collapse only."""
+"""Collapse monitors (documentation/ijepa_method.md, "Collapse alarms"): known values on constructed features; alarms fire on collapse only."""
 
 from __future__ import annotations
 

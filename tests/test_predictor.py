@@ -1,4 +1,4 @@
-"""JEPA predictor and its 3D sin-cos positions (IJEPA_SPEC §1.3, §2.5, tests P1-P5)."""
+"""JEPA predictor and its 3D sin-cos positions (documentation/ijepa_method.md)."""
 
 from __future__ import annotations
 

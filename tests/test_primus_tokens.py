@@ -1,4 +1,4 @@
-"""Token-level Primus for JEPA (IJEPA_SPEC §2.1, §2.3, §5): flatten order M11, full-index
+"""Token-level Primus for JEPA (documentation/ijepa_method.md): flatten order M11, full-index
 equivalence E6, masked-attention equivalence E7 (RoPE gathered per sample), permutation
 equivariance E8, no leakage E9, teacher sees everything E10, presets and weight export."""
 

@@ -1,4 +1,4 @@
-"""I-JEPA on ResEnc-L (IJEPA_SPEC §3 option A, §5): the sparse student's zeros C1, masked
+"""I-JEPA on ResEnc-L (documentation/ijepa_resenc.md, option A): the sparse student's zeros C1, masked
 InstanceNorm C2, no leakage C3/E9 (and E10), mask upsampling C4, dense teacher C5, the nnU-Net
 weight handshake for the real ResEnc-L, the frozen decoder, and a full training step (E1, E3).
 

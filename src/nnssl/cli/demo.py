@@ -1,15 +1,16 @@
 """`nnssl_demo`: the whole pipeline on generated phantoms (no data, no GPU needed).
 
 Phantoms -> pretrain_data.json -> integrity check -> fingerprint, plan, preprocess -> I-JEPA
-pretraining on the CPU within a time budget -> export -> linear probe against random init ->
-summary. Exit status 0 when every stage ran, 2 on an input error.
+pretraining on the CPU within a time budget (the recipe fixed on the dense protocol's search set)
+-> export -> the dense context probe and the volume probe against random init on the protocol's
+test set -> summary. Exit status 0 when every stage ran, 2 on an input error.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from nnssl.cli.common import add_shape, add_verbose, make_parser, reject_flag, run_cli
 from nnssl.cli.dataset import RENAMED_N
@@ -29,7 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{d.max_steps})")
     p.add_argument("--num_volumes", type=int, default=d.num_volumes, help="number of phantom volumes to pretrain on")
     reject_flag(p, "-n", RENAMED_N)
-    p.add_argument("--eval_volumes", type=int, default=d.eval_volumes, help="number of labeled phantoms for the probe")
+    p.add_argument("--eval_volumes", type=int, default=d.eval_volumes,
+                   help="labeled phantoms for the probes (480: the dense protocol's test set)")
+    p.add_argument("--random_seeds", type=int, default=d.random_seeds,
+                   help="random-init encoders the pretrained one is compared with")
+    p.add_argument("--set", nargs="*", default=list(d.overrides), metavar="PATH=VALUE", dest="overrides",
+                   help="training-config overrides as in nnssl_train --set (default: the demo's recipe, "
+                        f"{' '.join(d.overrides)}; --set with nothing after it trains without them)")
     add_shape(p, d.shape, "phantom field of view in mm (voxels at 1 mm)")
     p.add_argument("--patch", type=int, default=d.patch_size, help="pretraining patch size (cubic, multiple of 8)")
     p.add_argument("--batch", type=int, default=d.batch_size, help="pretraining batch size")
@@ -40,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-np", type=int, default=2, dest="num_processes", help="worker processes")
     p.add_argument("--seed", type=int, default=0, help="seed for the phantoms")
     p.add_argument("--quick", action="store_true",
-                   help="a shortened run (CI, smoke test): 12 volumes of 40³, 48 labeled, 20 s of training; too "
-                        "short and too small a probe to show a margin")
+                   help="a shortened run (CI, smoke test): 12 volumes of 40³, 48 labeled, 2 random inits, 20 s of "
+                        "training; too short and too small a probe to show a margin")
     add_verbose(p)
     return p
 
@@ -53,9 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = {"folder": args.folder, "num_volumes": args.num_volumes, "shape": tuple(args.shape),
                     "seed": args.seed, "num_processes": args.num_processes, "train_minutes": args.minutes,
                     "max_steps": args.steps, "patch_size": args.patch, "batch_size": args.batch,
-                    "eval_volumes": args.eval_volumes, "dataset": args.dataset, "labeled": args.labeled}
+                    "eval_volumes": args.eval_volumes, "dataset": args.dataset, "labeled": args.labeled,
+                    "random_seeds": args.random_seeds, "overrides": tuple(args.overrides)}
         if args.quick:
-            settings.update(num_volumes=12, shape=(40, 40, 40), train_minutes=1 / 3, eval_volumes=48)
+            settings.update(num_volumes=12, shape=(40, 40, 40), train_minutes=1 / 3, eval_volumes=48, random_seeds=2)
         result = run_demo(DemoConfig(**settings))
         print(result.format())
         return 0

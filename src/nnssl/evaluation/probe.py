@@ -1,6 +1,6 @@
 """Frozen-feature probes and collapse statistics: is a pretrained encoder better than random?
 
-The loss of a self-supervised run cannot say whether its features are useful (IJEPA_SPEC §4),
+The loss of a self-supervised run cannot say whether its features are useful (documentation/evaluation.md),
 so evaluation measures the features directly, always next to the same architecture at random
 initialisation (random ViT features are strong on easy tasks; only the difference means
 something):

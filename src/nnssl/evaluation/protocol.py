@@ -111,7 +111,7 @@ def dense_probe_many(encoders: dict[str, Any], labeled: Any, probe: ProbeConfig 
                                                      torch.from_numpy(arrays["tokens"]), probe.max_rankme_tokens,
                                                      probe.seed)}
         if labeled.has_class_labels:  # the volume probe on the same cases and splits (read-out `probe.pooling`)
-            volume = volume_probe(arrays["pooled"], labeled.class_labels(), splits, probe)
+            volume = volume_probe(arrays["readout"], labeled.class_labels(), splits, probe)
             out[name]["volume_accuracy"] = volume["accuracy"]
             out[name]["volume_chance_accuracy"] = volume["chance_accuracy"]
     return out

@@ -2,7 +2,7 @@
 
 Evaluation (and any user script) needs the encoder exactly as nnU-Net will receive it, not the
 training-time modules, so `load_pretrained_encoder` reads only what the downstream handshake
-reads (CONTRACTS.md "Checkpoint"): it rebuilds the network from the checkpoint's description
+reads (documentation/finetuning_nnunet.md): it rebuilds the network from the checkpoint's description
 and loads `network_weights` the way nnU-Net's `load_pretrained_weights` does - keys selected by
 `startswith(key_to_encoder)` / `startswith(key_to_stem)`, the prefix stripped, one strict
 `load_state_dict` per submodule. A checkpoint that would fail in nnU-Net fails here too, with

@@ -1,8 +1,8 @@
 """I-JEPA for 3D volumes: context encoder (student), EMA target encoder (teacher), predictor, loss.
 
-One forward (IJEPA_SPEC §1.4, §2.3-2.6):
+One forward (Assran et al., CVPR 2023; the 3D choices in documentation/ijepa_method.md):
 1. the teacher runs once on all N tokens of the unmasked volume, under `no_grad` and always in
-   eval mode (drop-path off, spec §2.4); its output is normalised by a layer norm without affine
+   eval mode (drop-path off, as in the I-JEPA release); its output is normalised by a layer norm without affine
    parameters (LN₀) in fp32, and every target block is gathered from it;
 2. the student runs on the context tokens only (positions and RoPE gathered with them);
 3. the predictor predicts all M blocks in one batched call (row m·B + b);
@@ -350,7 +350,7 @@ class IJEPA(PretrainingMethod):
 
     def export_encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The teacher (EMA) encoder under downstream Primus names (`eva.*`, `down_projection.*`),
-        CPU tensors: the `network_weights` of an nnssl checkpoint (spec §2.12)."""
+        CPU tensors: the `network_weights` of an nnssl checkpoint (documentation/finetuning_nnunet.md)."""
         return self.teacher.encoder_state_dict()
 
 

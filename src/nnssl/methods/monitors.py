@@ -1,4 +1,4 @@
-"""Collapse monitors for I-JEPA (IJEPA_SPEC §4): cheap statistics returned as Python floats.
+"""Collapse monitors for I-JEPA (documentation/ijepa_method.md, "Collapse alarms"; RankMe: Garrido et al., ICML 2023): cheap statistics returned as Python floats.
 
 The loss cannot reveal collapse: a constant teacher gives constant LN₀ targets that the
 predictor matches trivially, because LN₀ normalises each token over its features, not across
@@ -131,7 +131,7 @@ def rankme_ceiling(tokens: torch.Tensor, max_tokens: int = 16384) -> int:
 
 
 def collapse_metrics(teacher_tokens: torch.Tensor, predictions: torch.Tensor | None = None) -> dict[str, float]:
-    """The monitors of spec §4 for [B, N, E] LN₀-normalised teacher tokens (all tokens of the
+    """The collapse monitors (documentation/ijepa_method.md) for [B, N, E] LN₀-normalised teacher tokens (all tokens of the
     batch) and, when given, the predictions [M*B, Kt, E]. Keys: target_std, token_rankme,
     token_rankme_fraction (RankMe / min(E, token rows): comparable across widths and batch
     sizes), pooled_rankme, cos_within, cos_across, and pred_std only when predictions are given.
@@ -180,7 +180,7 @@ def collapse_alarms(metrics: dict[str, float], embed_dim: int) -> list[str]:
 
 
 class CollapseTracker:
-    """Partial-collapse warnings that need history (spec §4):
+    """Partial-collapse warnings that need history (documentation/ijepa_method.md, "Collapse alarms"):
 
     - the token RankMe falls more than 50% below its running maximum;
     - the loss falls more than 30% within less than 1% of training ("sudden loss drops are

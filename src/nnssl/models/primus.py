@@ -1,8 +1,8 @@
 """Token-level access to dynamic-network-architectures' Primus for JEPA-style training.
 
 A JEPA context encoder runs only on selected tokens, and the absolute position embedding and
-the RoPE table must be gathered with the *same* indices as the tokens (IJEPA_SPEC §2.3,
-pitfall 5). Primus's own `patch_drop_rate` cannot do this: it draws its own random indices,
+the RoPE table must be gathered with the *same* indices as the tokens (documentation/ijepa_masking.md:
+the tokens keep their own positions). Primus's own `patch_drop_rate` cannot do this: it draws its own random indices,
 and in the released versions its per-sample RoPE has shape [B, K, d], which does not broadcast
 against attention's [B, heads, K, d] for batch > 1. `PrimusTokenEncoder` does the selection
 itself and hands RoPE to the Eva blocks as [B, 1, K, d], which timm's `apply_rot_embed_cat`
@@ -45,7 +45,7 @@ PRIMUS_PRESETS: dict[str, dict[str, int]] = {
 
 # What nnU-Net's Primus trainers pass besides the preset (nnUNet_Primus_M_Trainer:
 # init_values=0.1, scale_attn_inner=True; the rest are Primus's defaults, written out so the
-# adaptation plan is explicit). drop_path is 0 here (spec §2.8), 0.2 downstream.
+# adaptation plan is explicit). drop_path is 0 here (documentation/ijepa_method.md), 0.2 downstream.
 _PRIMUS_FIXED_KWARGS: dict[str, Any] = {
     "init_values": 0.1, "scale_attn_inner": True, "use_rot_pos_emb": True, "use_abs_pos_embed": True,
     "mlp_ratio": 8.0 / 3.0, "num_register_tokens": 0, "patch_drop_rate": 0.0,
@@ -103,7 +103,7 @@ class PrimusTokenEncoder(nn.Module):
     `primus.down_projection.*`. Its segmentation decoder (`up_projection`) is never used by JEPA
     and is frozen (`requires_grad=False`), so it stays out of optimizers, EMA and DDP's
     unused-parameter checks. Register tokens, if the Primus has them, are prepended after the
-    selection and stripped from the output (spec §2.3).
+    selection and stripped from the output (documentation/ijepa_masking.md).
     """
 
     def __init__(self, primus: Primus, grid: tuple[int, int, int] | None = None) -> None:

@@ -1,7 +1,7 @@
 """ResEnc-L: nnU-Net's `ResEncL` preset of dynamic-network-architectures' ResidualEncoderUNet.
 
 The exported checkpoint must load into exactly the network nnU-Net builds for `ResEncL`
-(CONTRACTS.md "Architectures"), so the constructor arguments live in one place here and the
+(documentation/finetuning_nnunet.md), so the constructor arguments live in one place here and the
 handshake test builds the downstream network from them.
 """
 

@@ -1,6 +1,6 @@
 """Token-level access to ResEnc-L for JEPA: a SparK-style sparse student and the dense teacher.
 
-A CNN cannot drop tokens the way a ViT does, so the student *emulates* sparsity (IJEPA_SPEC §3,
+A CNN cannot drop tokens the way a ViT does, so the student *emulates* sparsity (documentation/ijepa_resenc.md,
 option A; SparK, Spark3D, CNN-JEPA): the tokens are the cells of the bottleneck grid (input / 32,
 so 5³ cells of 32³ voxels at 160³) and, for the context cells `keep`,
 
