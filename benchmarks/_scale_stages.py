@@ -16,6 +16,7 @@ import json
 import os
 import pickle
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -170,11 +171,16 @@ def merge_stage(dataset: str, size: int) -> dict[str, Any]:
     return {**m.result(size), "complete": complete, "us_per_case": round(1e6 * m.seconds / size, 1)}
 
 
-def _touch_every_case(cases, conn) -> None:
+def _touch_every_case(cases, worker_init: bool, conn) -> None:
     """In a forked child: what a loader worker has done to the case list after a long run: every
     case drawn once (the record and its paths read, as `open_case` reads them), then a full
-    garbage collection (which a long run triggers: it visits every object the fork inherited);
-    the child's memory after each."""
+    garbage collection (which a long run triggers: it visits every object the fork inherited
+    that is not frozen); the child's memory after each. With `worker_init` the child first runs
+    the loader's worker initialisation, as a DataLoader worker does."""
+    if worker_init:
+        from nnssl.dataloading.loader import _worker_init
+
+        _worker_init(0)
     for i in range(len(cases)):
         record = cases[i]
         str(record.image), record.image_id, record.anonymization_mask, record.anatomy_mask
@@ -184,7 +190,7 @@ def _touch_every_case(cases, conn) -> None:
     conn.close()
 
 
-def _forked_long_run(cases) -> dict[str, Any]:
+def _forked_long_run(cases, worker_init: bool) -> dict[str, Any]:
     """`_touch_every_case(cases)` in a child forked from this process, as DataLoader forks a worker."""
     import multiprocessing
 
@@ -192,7 +198,7 @@ def _forked_long_run(cases) -> dict[str, Any]:
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
         try:
-            _touch_every_case(cases, writer)
+            _touch_every_case(cases, worker_init, writer)
         finally:
             os._exit(0)
     writer.close()
@@ -201,18 +207,31 @@ def _forked_long_run(cases) -> dict[str, Any]:
     return result
 
 
+def _allocated_mb(build):
+    """(what `build()` returns, the MB of Python memory it allocated and still holds)."""
+    tracemalloc.start()
+    try:
+        built = build()
+        return built, tracemalloc.get_traced_memory()[0] / 2**20
+    finally:
+        tracemalloc.stop()
+
+
+def _index_mb(*indexes) -> float:
+    """MB of the arrays of `indexes`, buffers they share counted once."""
+    arrays = {id(a): a for index in indexes for a in vars(index).values() if hasattr(a, "nbytes")}
+    return sum(a.nbytes for a in arrays.values()) / 2**20
+
+
 def _list_control(train) -> dict[str, Any]:
     """The representation the index replaced, measured the same way: the training cases as a
     list of `CaseRecord`s (what the loader and the sampler held before, `list(cases)`), its
-    memory here and in a forked worker after a long run."""
-    settle()
-    before = rss_mb()
-    records = list(train)
-    settle()
-    held = rss_mb() - before
-    out = {"held_mb": round(held, 1), "held_kb_per_case": round(1024 * held / max(1, len(records)), 3),
+    memory here and in a forked worker of that time (no frozen collector) after a long run."""
+    records, allocated = _allocated_mb(lambda: list(train))
+    out = {"allocated_mb": round(allocated, 1),
+           "allocated_kb_per_case": round(1024 * allocated / max(1, len(records)), 3),
            "pickled_mb": round(len(pickle.dumps(records)) / 1e6, 2),
-           "worker_after_long_run": _forked_long_run(records)}
+           "worker_after_long_run": _forked_long_run(records, worker_init=False)}
     del records
     settle()
     return out
@@ -248,6 +267,8 @@ def loader_stage(collection_path: Path, size: int, num_workers: int, batches: in
     settle()
     held = rss_mb() - m.start_mb  # what training keeps: the train and val cases
     out["index"].update({"held_mb": round(held, 1), "held_kb_per_case": round(1024 * held / size, 3),
+                         "arrays_mb": round(_index_mb(train, val), 2),
+                         "arrays_kb_per_case": round(1024 * _index_mb(train, val) / size, 3),
                          "pickled_mb": round(len(pickle.dumps((train, val))) / 1e6, 2)})
     config = LoaderConfig((patch,) * 3, batch_size=2, num_workers=num_workers, pin_memory=False)
     parent_before, others = rss_mb(), set(child_pids())
@@ -263,10 +284,13 @@ def loader_stage(collection_path: Path, size: int, num_workers: int, batches: in
         workers = [smaps_mb(pid) for pid in child_pids() if pid not in others]
         out["parent_rss_with_loader_mb"] = round(rss_mb(), 1)
         out["parent_growth_for_loader_mb"] = round(rss_mb() - parent_before, 1)
-        # a worker after a long run, forked from the loader's own index as DataLoader forks it
-        long_run = _forked_long_run(loader.cases)
+        # a worker after a long run, forked from the loader's own index as DataLoader forks it;
+        # and one that does not freeze the collector (what the freeze saves)
+        long_run = _forked_long_run(loader.cases, worker_init=True)
+        long_run_unfrozen = _forked_long_run(loader.cases, worker_init=False)
     out["workers_after_startup"] = workers
     out["worker_after_long_run"] = long_run
+    out["worker_after_long_run_without_gc_freeze"] = long_run_unfrozen
     out["list_of_records_control"] = _list_control(train)
     return out
 

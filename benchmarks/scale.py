@@ -147,9 +147,12 @@ def memory_per_case(stages: dict[str, dict[int, dict[str, Any]]]) -> dict[str, f
         out[f"worker_after_startup_{measure[:-3]}"] = _slope(loader, ("workers_after_startup", 0, measure))
         for state in ("every_case_drawn", "every_case_drawn_and_full_gc"):
             out[f"worker_after_{state}_{measure[:-3]}"] = _slope(loader, ("worker_after_long_run", state, measure))
+            out[f"unfrozen_worker_after_{state}_{measure[:-3]}"] = _slope(
+                loader, ("worker_after_long_run_without_gc_freeze", state, measure))
             out[f"list_control_worker_after_{state}_{measure[:-3]}"] = _slope(
                 loader, ("list_of_records_control", "worker_after_long_run", state, measure))
-    out["list_control_held"] = _slope(loader, ("list_of_records_control", "held_mb"))
+    out["loader_index_arrays"] = _slope(loader, ("index", "arrays_mb"))
+    out["list_control_allocated"] = _slope(loader, ("list_of_records_control", "allocated_mb"))
     return out
 
 

@@ -122,3 +122,28 @@ def test_nbytes_is_hundreds_of_bytes_per_case():
     index = CaseIndex.from_records(_records(10_000))
     assert index.nbytes / len(index) < 250
     assert np.asarray(index._lengths).dtype == np.int32
+
+
+def _freeze_count_after_worker_init(conn) -> None:
+    from nnssl.dataloading.loader import _worker_init
+
+    _worker_init(0)
+    cycle: list = []
+    cycle.append(cycle)
+    del cycle
+    conn.send((gc.get_freeze_count(), gc.collect()))  # the worker's own garbage is still collected
+    conn.close()
+
+
+def test_a_loader_worker_keeps_the_collector_off_what_it_inherited():
+    # A full collection in a forked worker would write to every inherited object (about 40 MB
+    # of torch's objects per worker, measured by benchmarks/scale.py); the worker freezes them.
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    reader, writer = context.Pipe(duplex=False)
+    child = context.Process(target=_freeze_count_after_worker_init, args=(writer,))
+    child.start()
+    frozen, collected = reader.recv()
+    child.join()
+    assert frozen > 1000 and collected >= 1

@@ -12,10 +12,14 @@ detection (naming the signal) and shutdown when the iterator is dropped. What it
   and never a silently substituted case.
 - `blosc2.set_nthreads(1)` before the workers fork: a parent that decompressed with blosc2
   threads leaves their locks held in the children, which then deadlock on their first read.
+- memory shared with the parent stays shared: the cases are a `CaseIndex` (arrays, no object
+  per case) and each worker freezes the garbage collector's view of what it inherited
+  (`_worker_init`), so a long run does not copy the parent's objects into every worker.
 """
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import traceback
@@ -194,6 +198,12 @@ class _StepStream(IterableDataset):
 def _worker_init(worker_id: int) -> None:
     blosc2.set_nthreads(1)  # also right under "spawn", where the parent's setting is not inherited
     torch.set_num_threads(1)
+    # A full garbage collection writes to the header of every object it visits, so the first one
+    # in a forked worker copies every page of the parent's Python objects (about 40 MB per worker
+    # for torch's alone, more with a model; benchmarks/scale.py). Freezing moves what the fork
+    # inherited out of the collector's reach (an O(1) list splice); the worker's own objects are
+    # still collected.
+    gc.freeze()
 
 
 class PretrainLoader:
