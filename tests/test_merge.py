@@ -82,3 +82,31 @@ def test_merge_lists_complete_cases_with_the_masks_their_properties_vouch_for(nn
     cases = load_cases(nnssl_roots.preprocessed / NAME / "merged1.json")
     assert [c.image for c in cases] == [root / NAME / "ds1" / "sub-0" / "ses-1" / "img0.b2nd",
                                         root / NAME / "ds1" / "sub-1" / "ses-1" / "img1.b2nd"]
+
+
+def test_the_merge_holds_its_lock_from_the_scan_to_the_rename(nnssl_roots, monkeypatch):
+    # Parts finishing together take turns: a part that scanned before another part's last cases
+    # were complete must not rename its file after that part's (which would drop those cases).
+    import fcntl
+
+    collection, plans = _collection(nnssl_roots), _plans()
+    root = nnssl_roots.preprocessed / NAME / "nnsslPlans_onemmiso"
+    _write_case(root, 0, plans.plan_hash("onemmiso"))
+    destination = nnssl_roots.preprocessed / NAME / "pretrain_data__onemmiso.json"
+    seen = []
+
+    def lock_is_held() -> bool:
+        with open(merge.lock_path(destination), "a") as other:  # another open file: another part's view
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(other, fcntl.LOCK_UN)
+            return False
+
+    scan, write = merge.case_flags, merge.write_collection_dict
+    monkeypatch.setattr(merge, "case_flags", lambda *a: (seen.append(("scan", lock_is_held())), scan(*a))[1])
+    monkeypatch.setattr(merge, "write_collection_dict",
+                        lambda *a, **k: (seen.append(("write", lock_is_held())), write(*a, **k))[1])
+    assert write_preprocessed_collection(collection, plans, "onemmiso", root, destination) == 1
+    assert seen == [("scan", True), ("write", True)] and not lock_is_held()

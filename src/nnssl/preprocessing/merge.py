@@ -10,19 +10,30 @@ case:
 - the output is the collection's `to_dict()` edited in place and written once, not a second
   `Collection` built, converted back to a dict and parsed again to be checked.
 benchmarks/scale.py measures it (documentation/benchmarks.md has the numbers).
+
+Parts that finish together take turns (an exclusive `flock` on `.pretrain_data__<config>.json.lock`
+next to the file, held from the scan to the rename). Without it, a part whose scan started
+before another part's last cases were complete could rename its file after that part's, and the
+cases would be missing from the final file. With it, every part scans after the earlier merges
+wrote, so the last merge lists every case that any part completed. On a file system without
+locks a warning says so; re-running any one part after all have finished rebuilds the file.
 """
 
 from __future__ import annotations
 
+import fcntl
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from nnssl.data.collection import Collection, portable_path, write_collection_dict
 from nnssl.data.imageio import image_stem
+from nnssl.log import get_logger
 from nnssl.planning.plans import Plans
 from nnssl.preprocessing import storage
 from nnssl.workers import imap
 
+logger = get_logger(__name__)
 CASES_PER_TASK = 256  # a check takes about a millisecond: batches keep messaging overhead small
 _IMAGE, _ANON, _ANAT = 1, 2, 4  # bits of a case's flags: complete (image), and which masks it has
 # in the order `AssociatedMasks.to_dict()` writes them
@@ -74,10 +85,41 @@ def case_flags(collection: Collection, plan_hash: str, output_root: Path, num_pr
     return b"".join(done[i] for i in range(len(done)))
 
 
+def lock_path(destination: Path) -> Path:
+    return destination.with_name(f".{destination.name}.lock")
+
+
+@contextmanager
+def _one_merge_at_a_time(destination: Path) -> Iterator[None]:
+    """Hold the exclusive lock of `destination`'s merge (see the module docstring). The kernel
+    releases it when the process ends, so a killed part never leaves it held."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path(destination), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            locked = True
+        except OSError as e:
+            locked = False
+            logger.warning("%s: cannot lock %s (%s); if parts of this run finish at the same time, re-run any "
+                           "one part after all have finished so the file lists every case",
+                           destination, lock.name, e)
+        try:
+            yield
+        finally:
+            if locked:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def write_preprocessed_collection(collection: Collection, plans: Plans, configuration: str, output_root: Path,
                                   destination: Path, num_processes: int = 1) -> int:
     """`pretrain_data__<config>.json` listing the complete cases, paths pointing at the arrays;
     returns how many it lists. `num_processes` workers check the cases."""
+    with _one_merge_at_a_time(Path(destination)):
+        return _write(collection, plans, configuration, Path(output_root), Path(destination), num_processes)
+
+
+def _write(collection: Collection, plans: Plans, configuration: str, output_root: Path, destination: Path,
+           num_processes: int) -> int:
     flags = case_flags(collection, plans.plan_hash(configuration), Path(output_root), num_processes)
     prefix = portable_path(Path(output_root))
     data = collection.to_dict()

@@ -16,8 +16,9 @@ as `<plans>.json.previous`, and only `--delete_preprocessed_data` deletes arrays
 it deleted. Custom plans and `splits_final.json` are never deleted.
 
 Sharding (`-part K -total_parts N`): part K takes every N-th case. Each part writes its own
-report; `pretrain_data__<config>.json` is rebuilt atomically from what is complete on disk by
-whichever part finishes (and again by any later run), so parts never race on shared state.
+report; `pretrain_data__<config>.json` is rebuilt atomically from what is complete on disk at the
+end of every part (and of any later run), the parts' rebuilds taking turns under a file lock so
+the last one lists every case (`merge.py`).
 """
 
 from __future__ import annotations
