@@ -1,16 +1,15 @@
 """The case index: every case of a run in a few numpy arrays instead of one Python object per case.
 
-A list of `CaseRecord`s (a dataclass with three `Path`s) costs about 3 kB per case, and each
-loader worker ends up with its own copy of it: after a fork the list is shared copy-on-write,
-but drawing a case increments its reference counts and a full garbage collection visits every
-object, which writes to the pages that hold them, so a long run duplicates the whole list in
-every worker (1.6 kB per case per worker measured by benchmarks/scale.py: 160 MB per worker,
-about 2 GB per GPU with 12 workers, at 100k cases). `CaseIndex` keeps the strings of all cases
-in one byte buffer with offset arrays. Workers only read the buffers, which hold no reference
-counts, so their pages stay shared however long a run is; a spawned worker unpickles three
-arrays instead of 100k objects. A `CaseRecord` is built on access (microseconds, a few per
-batch).
-"""
+A list of `CaseRecord`s (a dataclass with three `Path`s, 0.8 kB per case) ends up copied into
+every loader worker: after a fork the list is shared copy-on-write, but drawing a case writes its
+reference counts and a full garbage collection writes every object's header, which copies the
+pages that hold them. benchmarks/scale.py measured 1.1 kB per case per worker: 108 MB per worker
+after every case was drawn at 100k cases, 160 MB after a collection, 1.3-1.9 GB per GPU with 12
+workers. `CaseIndex` keeps the strings of all cases in one byte buffer with offset arrays (0.22 kB
+per case). Workers only read the buffers, which hold no reference counts, so their pages stay
+shared however long a run is (+0.07 kB per case per worker measured); a spawned worker unpickles
+a few arrays instead of 100k objects. A `CaseRecord` is built on access (microseconds, a few per
+batch)."""
 
 from __future__ import annotations
 

@@ -199,10 +199,10 @@ def _worker_init(worker_id: int) -> None:
     blosc2.set_nthreads(1)  # also right under "spawn", where the parent's setting is not inherited
     torch.set_num_threads(1)
     # A full garbage collection writes to the header of every object it visits, so the first one
-    # in a forked worker copies every page of the parent's Python objects (about 40 MB per worker
-    # for torch's alone, more with a model; benchmarks/scale.py). Freezing moves what the fork
-    # inherited out of the collector's reach (an O(1) list splice); the worker's own objects are
-    # still collected.
+    # in a forked worker copies every page of the parent's Python objects (about 50 MB per worker
+    # with torch imported and no model, more with one; benchmarks/scale.py). Freezing moves what
+    # the fork inherited out of the collector's reach (an O(1) list splice); the worker's own
+    # objects are still collected.
     gc.freeze()
 
 
