@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's two commands:
 #   bash run.sh demo   -> set up .venv and run the end-to-end demo on generated phantoms
-#   bash run.sh test   -> set up .venv (with test extras) and run the whole test suite
+#   bash run.sh test   -> set up .venv (with test extras), ruff + mypy, then the whole test suite
 # Extra arguments are passed through (e.g. `bash run.sh test -k collection`).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -32,6 +32,9 @@ case "$cmd" in
         ;;
     test)
         setup_env test
+        # lint and type-check first (seconds): style and typed-seam errors fail the run like a test
+        "$VENV/bin/ruff" check src tests benchmarks
+        "$VENV/bin/mypy"
         exec "$VENV/bin/python" -m pytest -q "$@"
         ;;
     *)

@@ -15,8 +15,9 @@ the first only while `--budget_s` lasts (what did not fit, or failed, says so in
    consumer only copies each batch to the device) and the `data_wait_fraction` the trainer logs
    (waiting for the next batch / whole step) while it feeds the real step of the configuration
    with the highest samples/s. `loader_verdicts`: per configuration, the wait each capacity
-   predicts, max(0, 1 - capacity / GPU samples/s), and the workers it needs.
-   `--augment_on_device` is passed to `LoaderConfig` when this checkout has that option.
+   predicts, max(0, 1 - capacity / GPU samples/s), and the workers it needs. Augmentation runs
+   where the trainer runs it (`--augment_on_device auto`: on the device with CUDA, in the workers
+   on the CPU); `on` / `off` force one side, e.g. `off` to measure the worker-side augmentation.
 3. `ddp`: two processes (spawn; nccl on CUDA, gloo in the CPU smoke run) running the trainer's
    `StepModule` in `DistributedDataParallel`, the first configuration at batch 8 per GPU: global
    samples/s, scaling over one GPU, parameters identical on both ranks. Skipped below 2 GPUs.
@@ -114,12 +115,14 @@ def loader_option_available() -> bool:
     return "augment_on_device" in {f.name for f in fields(LoaderConfig)}
 
 
-def measure_loader(plan: Plan, device: torch.device, feeder: StepBench, batch: int, augment_on_device: bool) -> dict:
-    """Capacity and fed data_wait_fraction per worker count (see the module docstring)."""
+def measure_loader(plan: Plan, device: torch.device, feeder: StepBench, batch: int, augment_on_device: str) -> dict:
+    """Capacity and fed data_wait_fraction per worker count (see the module docstring);
+    `augment_on_device`: "auto" (the trainer's choice for `device`), "on" or "off"."""
     from dataloading import make_volumes
     from nnssl.dataloading.loader import LoaderConfig, PretrainLoader
 
-    extra = {"augment_on_device": True} if augment_on_device and loader_option_available() else {}
+    on_device = {"on": True, "off": False}.get(augment_on_device, device.type == "cuda")
+    extra = {"augment_on_device": on_device} if loader_option_available() else {}
     per_workers = {}
     with tempfile.TemporaryDirectory(prefix="nnssl_gpu_check_") as tmp:
         start = time.perf_counter()
@@ -146,7 +149,7 @@ def measure_loader(plan: Plan, device: torch.device, feeder: StepBench, batch: i
     return {"patch": plan.loader_patch, "batch": batch, "volumes": plan.num_volumes,
             "volume_shape": list(plan.volume_shape), "generate_s": generate_s, "fed_by": feeder.trainer,
             "augment_on_device": {"requested": augment_on_device, "available": loader_option_available(),
-                                  "passed": bool(extra)},
+                                  "on_device": bool(extra.get("augment_on_device", False))},
             "per_workers": per_workers}
 
 
@@ -158,8 +161,8 @@ def _feed(batches, feeder: StepBench, device: torch.device, warm: int, steps: in
         t0 = time.perf_counter()
         batch = next(batches)
         t1 = time.perf_counter()
-        feeder.step(batch.data.to(device, non_blocking=True), batch.anonymization_mask.to(device, non_blocking=True),
-                    batch.step)
+        moved = batch.to(device, non_blocking=True)  # a RawBatch is augmented on the device here, as in the trainer
+        feeder.step(moved.data, moved.anonymization_mask, batch.step)
         synchronize(device)
         if i >= warm:
             wait += t1 - t0
@@ -462,8 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile_smoke", action="store_true", help="with --cpu_smoke: also the compiled steps")
     parser.add_argument("--compile_backend", default="inductor", choices=("inductor", "aot_eager", "eager"),
                         help="backend of the compiled steps (inductor is what nnssl_train --compile uses)")
-    parser.add_argument("--augment_on_device", action="store_true",
-                        help="pass augment_on_device=True to LoaderConfig when this checkout has that option")
+    parser.add_argument("--augment_on_device", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
+                        help="where the loader part augments: auto (the trainer's default: on the device with "
+                             "CUDA), on (also the flag alone), off (in the workers)")
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="the device's peak for MFU (overrides the table)")
     parser.add_argument("--budget_s", type=float, default=420.0,

@@ -111,7 +111,8 @@ def _markdown(runs: list[dict]) -> str:
         curve = r["loss_curve"]
         loss = f"{curve[0][1]:.3f} → {curve[-1][1]:.3f}" if curve else "-"
         p = r["probe_accuracy"]
-        lines.append(f"| {r['trainer']} | {r['steps']} | {r['samples_per_s']:.2f} | {r['flops_per_sample'] / 1e9:.2f} | "
+        lines.append(f"| {r['trainer']} | {r['steps']} | {r['samples_per_s']:.2f} | "
+                     f"{r['flops_per_sample'] / 1e9:.2f} | "
                      f"{loss} | {r['last'].get('token_rankme', float('nan')):.1f} | "
                      f"{r['last'].get('cos_across', float('nan')):.3f} | {p.get('pretrained', float('nan')):.3f} | "
                      f"{p.get('random', float('nan')):.3f} | {r['probe_gain']:+.3f} |")

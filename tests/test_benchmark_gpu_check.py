@@ -44,7 +44,8 @@ def _env() -> dict:
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check") / "smoke.json"
-    run = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--cpu_smoke", "--out", str(out)],
+    run = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--cpu_smoke", "--out", str(out),
+                          "--augment_on_device"],  # the path a GPU takes by default, here on the CPU
                          env=_env(), capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -82,7 +83,7 @@ def test_smoke_loader_ddp_and_batch_search_are_complete(smoke):
     steps = {s["trainer"]: s for s in result["steps"]}
     loader = result["loader"]
     assert loader["fed_by"] == max(steps.values(), key=lambda s: s["samples_per_s"])["trainer"]
-    assert loader["augment_on_device"]["requested"] is False and loader["augment_on_device"]["passed"] is False
+    assert loader["augment_on_device"] == {"requested": "on", "available": True, "on_device": True}
     assert list(loader["per_workers"]) == [str(w) for w in plan["workers"]]
     for r in loader["per_workers"].values():
         assert r["capacity_batches_per_s"] > 0 and 0.0 <= r["data_wait_fraction"] < 1.0

@@ -37,8 +37,10 @@ def _cases(nnssl_roots, n: int = 4):
 
 
 def _config(**kwargs) -> LoaderConfig:
+    # the CPU path (augmentation in the workers) whatever the machine: auto would pick the device
+    # path where CUDA is available (tests/test_dataloading_device_augment.py covers that one)
     base = dict(patch_size=PATCH, batch_size=3, num_workers=0, augment=BUSY, foreground_probability=0.3,
-                pin_memory=False)
+                pin_memory=False, augment_on_device=False)
     base.update(kwargs)
     return LoaderConfig(**base)
 

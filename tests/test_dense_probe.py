@@ -103,7 +103,8 @@ def test_resenc_token_readouts_place_every_stage_on_the_probe_grid():
     stage4 = maps[3].flatten(2).transpose(1, 2)  # stride 8: already on the probe grid
     assert torch.allclose(cells[..., 56:104], stage4)
     bottleneck = cells[0, :, -64:].reshape(8, 8, 8, 64)  # coarser than the grid: repeated per 4³ cells
-    assert torch.equal(bottleneck[0, 0, 0], bottleneck[3, 3, 3]) and torch.equal(bottleneck[0, 0, 0], maps[-1][0, :, 0, 0, 0])
+    assert torch.equal(bottleneck[0, 0, 0], bottleneck[3, 3, 3])
+    assert torch.equal(bottleneck[0, 0, 0], maps[-1][0, :, 0, 0, 0])
     with pytest.raises(InvalidInput, match="cannot be placed"):
         readout_tokens(maps, "layers", (3, 3, 3))
     with pytest.raises(InvalidInput, match="read-out"):

@@ -1,9 +1,9 @@
 """Every nnssl command in the documentation parses: the docs cannot rot.
 
-Each `nnssl_*` line in a fenced code block (synopsis lines with `[optional]` parts aside) of README.md and documentation/*.md is split like a
-shell would (variables and `$(...)` left as words), handed to that command's real argument
-parser, and must parse (the command's body is not run; the end-to-end tests run the commands
-themselves). A documented flag that was renamed or removed fails here.
+Each `nnssl_*` line in a fenced code block (synopsis lines with `[optional]` parts aside) of
+README.md and documentation/*.md is split like a shell would (variables and `$(...)` left as
+words), handed to that command's real argument parser, and must parse (the command's body is
+not run; the end-to-end tests run the commands themselves). A documented flag that was renamed or removed fails here.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ def with_tables(text: str) -> str:
         pattern = re.compile(rf"(<!-- registry:{name} -->\n).*?(<!-- /registry:{name} -->)", re.S)
         if not pattern.search(text):
             raise AssertionError(f"{DOC} lacks the markers <!-- registry:{name} --> ... <!-- /registry:{name} -->")
-        text = pattern.sub(lambda m: m.group(1) + table + "\n" + m.group(2), text)
+        text = pattern.sub(lambda m, table=table: m.group(1) + table + "\n" + m.group(2), text)
     return text
 
 

@@ -71,7 +71,8 @@ def write_resenc_checkpoint(path: Path, seed: int = 2):
     torch.manual_seed(seed)
     network = build_resenc_l(preset="Tiny")
     spec = resenc_backbone_spec(network, resenc_l_arch_kwargs(preset="Tiny"), (64, 64, 64))
-    weights = {k: v.clone() for k, v in network.state_dict().items() if k.startswith(("encoder.stem", "encoder.stages"))}
+    weights = {k: v.clone() for k, v in network.state_dict().items()
+               if k.startswith(("encoder.stem", "encoder.stages"))}
     torch.save({"network_weights": weights, "nnssl_adaptation_plan": _plan(spec, (64, 64, 64)),
                 "nnssl_backbone": spec.to_dict()}, path)
     return network
@@ -143,7 +144,8 @@ def test_preset_name_without_arch_kwargs_builds_the_preset_at_the_plans_patch_si
     assert plan["architecture_plans"]["arch_class_name"] == "PrimusS"
     plan["architecture_plans"].update(arch_kwargs=None, arch_kwargs_requiring_import=[])
     path = tmp_path / "primus_s.pth"
-    torch.save({"network_weights": PrimusTokenEncoder(primus).encoder_state_dict(), "nnssl_adaptation_plan": plan}, path)
+    torch.save({"network_weights": PrimusTokenEncoder(primus).encoder_state_dict(),
+                "nnssl_adaptation_plan": plan}, path)
     encoder = load_pretrained_encoder(path)
     assert (encoder.embed_dim, encoder.grid) == (396, (4, 4, 4))
     torch.testing.assert_close(encoder.network.eva.pos_embed, primus.eva.pos_embed)
@@ -301,7 +303,8 @@ def test_evaluate_end_to_end_writes_json_and_plot(tmp_path, phantom_set, capsys)
             assert 0.0 <= enc[probe]["accuracy"] <= 1.0 and len(enc[probe]["accuracy_per_split"]) == 2
     diff = result["pretrained_minus_random"]
     assert diff["volume_probe_accuracy"] == pytest.approx(
-        result["encoders"]["pretrained"]["volume_probe"]["accuracy"] - result["encoders"]["random"]["volume_probe"]["accuracy"])
+        result["encoders"]["pretrained"]["volume_probe"]["accuracy"]
+        - result["encoders"]["random"]["volume_probe"]["accuracy"])
     printed = capsys.readouterr().out
     assert "volume probe accuracy" in printed and "pretrained" in printed and str(out / "evaluation.json") in printed
 

@@ -33,7 +33,8 @@ def test_export_writes_a_complete_shareable_folder(run_folder, tmp_path, capsys)
     assert "optimizer_state" not in slim and "method_state" not in slim and "rng" not in slim
     assert slim["trainer_name"] == TRAINER and slim["citations"]
     assert all(torch.equal(v, full["network_weights"][k]) for k, v in slim["network_weights"].items())
-    assert json.loads((out / "adaptation_plan.json").read_text()) == json.loads(json.dumps(full["nnssl_adaptation_plan"]))
+    written = json.loads((out / "adaptation_plan.json").read_text())
+    assert written == json.loads(json.dumps(full["nnssl_adaptation_plan"]))
     config = json.loads((out / "config.json").read_text())
     assert config["training_config"]["trainer_name"] == TRAINER and config["step"] == 3
     assert config["data_summary"]["dataset"] == "Dataset900_Phantoms"

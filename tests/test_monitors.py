@@ -1,4 +1,5 @@
-"""Collapse monitors (documentation/ijepa_method.md, "Collapse alarms"): known values on constructed features; alarms fire on collapse only."""
+"""Collapse monitors (documentation/ijepa_method.md, "Collapse alarms"): known values on
+constructed features; alarms fire on collapse only."""
 
 from __future__ import annotations
 

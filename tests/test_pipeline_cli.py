@@ -39,7 +39,8 @@ def test_pipeline_through_the_commands(tmp_path):
     done = subprocess.run([*create, "-i", str(bids), "-d", "901", "-n", "Cli"], env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    pre = [sys.executable, "-c", "from nnssl.cli.preprocess import plan_and_preprocess_main as m; raise SystemExit(m())"]
+    pre = [sys.executable, "-c",
+           "from nnssl.cli.preprocess import plan_and_preprocess_main as m; raise SystemExit(m())"]
     done = subprocess.run([*pre, "-d", "901", "-np", "1", "-npfp", "1"], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr

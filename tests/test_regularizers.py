@@ -145,7 +145,8 @@ def _two_rank_run(fn, shards):
 def test_two_ranks_equal_one_process_with_the_whole_batch(term):
     """DDP averages the ranks' parameter gradients; with global sums and world_size x the local
     gradient, that average is exactly the gradient of one process holding the whole batch."""
-    def fn(x, reduction=reg.BatchReduction()):
+    def fn(x, reduction=None):
+        reduction = reduction if reduction is not None else reg.BatchReduction()
         if term == "sigreg":
             return reg.sigreg(x, 16, 17, seeded_generator("sigreg", 0, 3, 0), reduction)
         variance, covariance = reg.vicreg_variance_covariance(0.5 * x + 0.2, 1.0, reduction)

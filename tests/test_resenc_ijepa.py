@@ -43,7 +43,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config():
-    return resolve_config("IJEPATrainer_ResEncTiny_BS2", overrides={"patch_size": PATCH})  # small CPU ops: threads only add noise
+    # small CPU ops: threads only add noise
+    return resolve_config("IJEPATrainer_ResEncTiny_BS2", overrides={"patch_size": PATCH})
 
 
 def _randomise_norms(network: nn.Module) -> None:

@@ -49,6 +49,8 @@ def test_editing_the_plans_patch_size_changes_what_is_trained(own_preprocessed, 
     recorded = json.loads((run / "fold_all" / "training_config.json").read_text())["trainer"]
     assert recorded["patch_size"] == [40, 32, 24] and recorded["batch_size"] == 2
     assert recorded["mask"]["num_targets"] == 2 and recorded["ijepa"]["ema_start"] == 0.99
+    config_file = json.loads((run / "fold_all" / "training_config.json").read_text())
+    assert recorded["loader"]["augment_on_device"] is None and config_file["augment_on_device"] is False  # auto, CPU
     assert json.loads((run / "adaptation_plan.json").read_text())["recommended_downstream_patchsize"] == [40, 32, 24]
     log = next((run / "fold_all").glob("training_log_*.txt")).read_text()
     assert "patch size [40, 32, 24] from nnsslPlans.json (onemmiso)" in log
@@ -67,10 +69,13 @@ def test_plans_name_and_trainer_override_and_config_file(own_preprocessed, tmp_p
     settings = tmp_path / "settings.json"
     settings.write_text(json.dumps({"optim": {"peak_lr": 0.002}, "mask.min_keep": 3}))
     trainer = "IJEPATrainer_Tiny_P32_1ep_1it"
+    # augmentation on the training device, here the CPU: the device path inside the real loop
     assert train_main(["900", "-tr", trainer, "-p", "bigPatchPlans", "-np", "0", "-device", "cpu",
-                       "--config", str(settings)]) == 0
+                       "--config", str(settings), "--set", "loader.augment_on_device=true"]) == 0
     fold = _run_folder("bigPatchPlans", trainer) / "fold_all"
-    recorded = json.loads((fold / "training_config.json").read_text())["trainer"]
+    config_file = json.loads((fold / "training_config.json").read_text())
+    recorded = config_file["trainer"]
+    assert recorded["loader"]["augment_on_device"] is True and config_file["augment_on_device"] is True
     assert recorded["patch_size"] == [32, 32, 32] and recorded["batch_size"] == 3  # name wins, plan fills
     assert recorded["optim"]["peak_lr"] == 0.002 and recorded["mask"]["min_keep"] == 3
     log = next(fold.glob("training_log_*.txt")).read_text()

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -53,7 +54,8 @@ def test_run_writes_the_reference_layout_and_a_complete_checkpoint(roots):
                 "training_config", "network_weights", "nnssl_adaptation_plan", "trainer_name", "citations"):
         assert key in ckpt, key
     assert all(k.startswith(("eva.", "down_projection.")) for k in ckpt["network_weights"])
-    teacher = {k[len("teacher.primus."):]: v for k, v in ckpt["method_state"].items() if k.startswith("teacher.primus.")}
+    prefix = "teacher.primus."
+    teacher = {k[len(prefix):]: v for k, v in ckpt["method_state"].items() if k.startswith(prefix)}
     assert all(torch.equal(v, teacher[k]) for k, v in ckpt["network_weights"].items())  # the EMA teacher
     history = ckpt["history"]
     assert [p[0] for p in history["train_loss"]] == list(range(1, 7))
@@ -63,13 +65,17 @@ def test_run_writes_the_reference_layout_and_a_complete_checkpoint(roots):
     assert "val_loss" in log and "train_loss" in log
 
 
-def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(roots, tmp_path, monkeypatch):
-    full = _train()
+@pytest.mark.parametrize("augment_on_device", [None, True], ids=["auto", "on_device"])
+def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(roots, tmp_path, monkeypatch, augment_on_device):
+    config = resolve_config(TINY)
+    # on_device: the path a CUDA run takes by default (RawBatch.to(device) in the loop), here on the CPU
+    config = replace(config, loader=replace(config.loader, augment_on_device=augment_on_device))
+    full = train(_options(), config)
     reference = _load(Path(full.checkpoint))
     monkeypatch.setenv("nnssl_results", str(tmp_path / "resumed"))
-    stopped = _train(stop_at_step=4)  # mid-epoch, after a validation and a checkpoint
+    stopped = train(_options(stop_at_step=4), config)  # mid-epoch, after a validation and a checkpoint
     assert not stopped.finished and stopped.stopped_by == "stop_at_step" and stopped.step == 4
-    resumed = _train(continue_training=True)
+    resumed = train(_options(continue_training=True), config)
     assert resumed.finished and resumed.step == 6
     again = _load(Path(resumed.checkpoint))
     assert again["history"]["train_loss"] == reference["history"]["train_loss"]
@@ -252,3 +258,19 @@ def test_every_method_and_backbone_trains_resumes_and_exports(roots, trainer, tm
     network, _ = load_like_nnunet(str(shared.folder / "checkpoint_final.pth"), 1, 2, tuple(patch))
     with torch.no_grad():
         assert network(torch.randn(1, 1, *patch)).shape == (1, 2, *patch)
+
+
+def test_disable_checkpointing_writes_only_the_final_checkpoint(roots):
+    """The reference's `--disable_checkpointing` (trial runs): no periodic checkpoint_latest.pth."""
+    outcome = _train(periodic_checkpoints=False)
+    fold = _fold(roots, TINY)
+    assert outcome.finished and (fold / "checkpoint_final.pth").is_file()
+    assert not (fold / "checkpoint_latest.pth").exists()
+
+
+@pytest.mark.parametrize("flag, equivalent", [("--npz", "nnUNetv2_train"), ("--val", "nnssl_evaluate"),
+                                              ("--val_best", "nnssl_evaluate")])
+def test_reference_flags_without_a_pretraining_meaning_name_the_equivalent(flag, equivalent, capsys):
+    with pytest.raises(SystemExit) as stop:
+        train_main(["900", "onemmiso", "-tr", TINY, flag])
+    assert stop.value.code == 2 and equivalent in capsys.readouterr().err

@@ -53,7 +53,8 @@ def in_memory_plans(patch_size: tuple[int, int, int], batch_size: int, spacing: 
         patch_size=[int(p) for p in patch_size], batch_size=int(batch_size))
     return Plans(dataset_name=name, plans_name="nnsslPlans", original_median_spacing_after_transp=list(spacing or
                  (1.0, 1.0, 1.0)), image_reader_writer="SimpleITKIO", transpose_forward=[0, 1, 2],
-                 transpose_backward=[0, 1, 2], experiment_planner_used="nnssl.api", configurations={CONFIGURATION: config})
+                 transpose_backward=[0, 1, 2], experiment_planner_used="nnssl.api",
+                 configurations={CONFIGURATION: config})
 
 
 class _Volumes:
@@ -71,7 +72,8 @@ class _Volumes:
 class Pretrainer:
     """One pretraining run in memory: `fit`, then `encoder` / `transform` / `export`."""
 
-    def __init__(self, trainer: str | TrainingConfig = "IJEPATrainer_Tiny", patch_size: tuple[int, int, int] = (32, 32, 32),
+    def __init__(self, trainer: str | TrainingConfig = "IJEPATrainer_Tiny",
+                 patch_size: tuple[int, int, int] = (32, 32, 32),
                  batch_size: int = 8, overrides: Mapping[str, Any] | None = None,
                  spacing: tuple[float, float, float] | None = (1.0, 1.0, 1.0), device: str = "cpu", seed: int = 0
                  ) -> None:
@@ -142,7 +144,8 @@ class Pretrainer:
         check_downstream_keys(weights, method.backbone)
         return {"network_weights": weights, "nnssl_adaptation_plan": self._plan(),
                 "nnssl_backbone": method.backbone.to_dict(), "trainer_name": self.config.trainer_name,
-                "citations": citations(self.config.method, self.config.backbone), "training_config": self.config.to_dict(),
+                "citations": citations(self.config.method, self.config.backbone),
+                "training_config": self.config.to_dict(),
                 "step": self.steps, "epoch": 1,
                 "data_summary": {"dataset": "in-memory volumes (nnssl.api.Pretrainer)",
                                  "normalization_per_modality": {"any": {"scheme": "ZScoreNormalization"}}}}

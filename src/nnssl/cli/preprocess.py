@@ -13,7 +13,7 @@ Exit status: 0 every case preprocessed, 1 some cases failed (listed, and in
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+from collections.abc import Sequence
 
 from nnssl.cli.common import add_one_of, add_verbose, make_parser, per_configuration, positive_int, reject_flag, run_cli
 

@@ -10,10 +10,10 @@ SIGUSR1, e.g. cluster preemption; resume with --c), 2 usage or input error, 1 tr
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-from nnssl.cli.common import add_verbose, device, make_parser, run_cli
+from nnssl.cli.common import add_verbose, device, make_parser, reject_flag, run_cli
 
 EXIT_STOPPED = 3
 
@@ -36,6 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cuda, cuda:N (one process), cpu or mps (default: cuda when available, else cpu)")
     p.add_argument("-np", type=int, default=None, dest="num_workers",
                    help="data loader worker processes per GPU (default: one per CPU core, at most 12)")
+    p.add_argument("--disable_checkpointing", action="store_true",
+                   help="no periodic checkpoint_latest.pth (trial runs; an interrupted run cannot resume): only "
+                        "checkpoint_final.pth and the checkpoint a stop signal saves are written")
+    reject_flag(p, "--npz", "nnssl pretraining makes no segmentation predictions, so there is nothing to save as "
+                "npz; --npz belongs to nnUNetv2_train when you fine-tune the export "
+                "(documentation/finetuning_nnunet.md)")
+    for flag in ("--val", "--val_best"):
+        reject_flag(p, flag, "pretraining has no segmentation validation to re-run (its validation loss is in the "
+                    "training log); judge a finished checkpoint with nnssl_evaluate CHECKPOINT --labeled FOLDER "
+                    "(documentation/evaluation.md)")
     p.add_argument("--checkpoint_minutes", type=float, default=30.0,
                    help="write checkpoint_latest.pth at least this often (also after every epoch)")
     p.add_argument("--log_every", type=int, default=None,
@@ -56,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print_config", action="store_true",
                    help="print the resolved configuration (trainer name + --config + --set, geometry from the plans "
                         "when the dataset is preprocessed) as JSON, then exit")
-    p.add_argument("--list_trainers", action="store_true", help="print the trainer-name grammar and examples, then exit")
+    p.add_argument("--list_trainers", action="store_true",
+                   help="print the trainer-name grammar and examples, then exit")
     add_verbose(p)
     return p
 
@@ -98,7 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             dataset=a.dataset, configuration=a.configuration, plans=a.plans,
             num_gpus=a.num_gpus, device=a.device, continue_training=a.continue_training,
             pretrained_weights=a.pretrained_weights, num_workers=a.num_workers,
-            checkpoint_every_minutes=a.checkpoint_minutes, log_every=a.log_every, precision=a.precision,
+            checkpoint_every_minutes=a.checkpoint_minutes, periodic_checkpoints=not a.disable_checkpointing,
+            log_every=a.log_every, precision=a.precision,
             stop_at_step=a.stop_at_step, compile=a.compile)
         if a.print_config:
             print_config(config, options)

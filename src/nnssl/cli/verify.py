@@ -6,8 +6,8 @@ Exit status: 0 no problems, 1 problems found (listed, and saved as JSON), 2 usag
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from nnssl.cli.common import add_verbose, make_parser, positive_int, run_cli
 

@@ -198,7 +198,7 @@ def _bids_dataset(root: Path, key: str, scan: _Scan) -> DatasetEntry | None:
             session_folders.append((DEFAULT_SESSION, subject_dir, plain))
         for folder in [subject_dir] + [d for _, d, _ in session_folders if d != subject_dir]:
             scan.ignored += [p for p in sorted(folder.iterdir()) if p.is_file() and has_supported_extension(p.name)]
-        for session_id, session_dir, datatype_dirs in session_folders:
+        for session_id, _session_dir, datatype_dirs in session_folders:
             images = [_image_entry(path, masks, _bids_suffix(path))
                       for datatype_dir in datatype_dirs for path, masks in _scan_images(datatype_dir, scan)]
             if images:

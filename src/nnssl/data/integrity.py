@@ -218,7 +218,7 @@ def verify_collection(collection: Collection, num_processes: int = 1,
             jobs.append(job)
             owners.append(img)
     # An unset variable is one mistake, however many paths use it: one issue, at its first use.
-    for name, (img, key, message, count) in unset.items():
+    for img, key, message, count in unset.values():
         where = img.location if key == "image_path" else f"{img.location}.associated_masks.{key}"
         report.issues.append(IntegrityIssue(
             img.image_id, where, None,

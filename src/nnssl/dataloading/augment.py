@@ -19,6 +19,10 @@ Three paths, cheapest first, chosen per sample:
   patch, plus one voxel for the interpolation neighbours.
 Masks follow the same geometry with nearest-neighbour sampling. Mirroring is a flip of the
 finished patch.
+
+Every random parameter (`sample_spatial`, `sample_intensity`) is drawn before any voxel is
+touched, so the same parameters can be applied in a loader worker (NumPy / CPU torch, here) or,
+batched, on the training device (`device_augment.py`), with the same result up to float rounding.
 """
 
 from __future__ import annotations
@@ -149,7 +153,9 @@ class PatchWarp:
     """The resampling of one sample, shared by its image and mask (the grid is built once).
 
     `lo`, `hi`: the half-open source box to read (see `source_region`). Mirroring is not applied
-    here (see `mirror`).
+    here (see `mirror`). The `*_tensor` methods run on the region's device: the worker calls them
+    on CPU tensors (via `image` / `mask` on NumPy arrays), the training process on its GPU
+    (`dataloading/device_augment.py`); the same torch calls on the same device give the same patch.
     """
 
     def __init__(self, start: Triple, patch_size: Triple, params: SpatialParams) -> None:
@@ -157,54 +163,68 @@ class PatchWarp:
         self.lo, self.hi = source_region(start, patch_size, params)
         self._grid: torch.Tensor | None = None
 
+    @property
+    def region_shape(self) -> Triple:
+        return tuple(b - a for a, b in zip(self.lo, self.hi))  # type: ignore[return-value]
+
     def image(self, region: np.ndarray) -> np.ndarray:
         """Trilinear resampling of the float32 `region` (C, ...) read at [lo, hi)."""
-        return self._apply(region, is_mask=False)
+        if self.params.is_crop:
+            return region
+        return self.image_tensor(torch.from_numpy(np.ascontiguousarray(region, dtype=np.float32))).numpy()
 
     def mask(self, region: np.ndarray) -> np.ndarray:
         """Nearest-neighbour resampling of a uint8 mask region, aligned with `image`."""
         if not region.any():  # most patches miss the defaced area: nothing to resample
             return np.zeros((region.shape[0], *self.patch_size), dtype=region.dtype)
-        return self._apply(region, is_mask=True)
+        if self.params.is_crop:
+            return region
+        return self.mask_tensor(torch.from_numpy(np.ascontiguousarray(region))).numpy()
 
-    def _apply(self, region: np.ndarray, is_mask: bool) -> np.ndarray:
+    def image_tensor(self, region: torch.Tensor) -> torch.Tensor:
+        """`image` on a float32 tensor (C, *region_shape), on its device."""
         if self.params.is_crop:
             return region
         if self.params.rotation is None:
-            return _warp_zoom(region, self.patch_size, self.params.zoom, is_mask)
-        if self._grid is None:
-            self._grid = _sampling_grid(region.shape[1:], self.lo, self.start, self.patch_size,
-                                        self.params.rotation / self.params.zoom)
-        src = torch.from_numpy(np.ascontiguousarray(region, dtype=np.float32))[None]
-        mode = "nearest" if is_mask else "bilinear"  # "bilinear" is trilinear for 5-D input
-        out = F.grid_sample(src, self._grid, mode=mode, padding_mode="zeros", align_corners=True)[0]
-        return out.numpy().astype(region.dtype) if is_mask else out.numpy()
+            return F.interpolate(region[None], size=tuple(self.patch_size), mode="trilinear", align_corners=True)[0]
+        # "bilinear" is trilinear for 5-D input
+        return F.grid_sample(region[None], self._grid_on(region), mode="bilinear", padding_mode="zeros",
+                             align_corners=True)[0]
 
+    def mask_tensor(self, region: torch.Tensor) -> torch.Tensor:
+        """Nearest-neighbour resampling of a mask tensor (C, *region_shape), same dtype, on its device."""
+        if self.params.is_crop:
+            return region
+        if self.params.rotation is None:
+            # nearest neighbour with the same corner-aligned geometry as the trilinear image path
+            out = region
+            for axis, (p, n) in enumerate(zip(self.patch_size, _zoom_spans(self.patch_size, self.params.zoom))):
+                index = np.rint(np.arange(p) * (n / max(p - 1, 1))).astype(np.int64)
+                out = out.index_select(axis + 1, torch.from_numpy(index).to(region.device))
+            return out
+        src = region.to(torch.float32)[None]
+        out = F.grid_sample(src, self._grid_on(region), mode="nearest", padding_mode="zeros", align_corners=True)[0]
+        return out.to(region.dtype)
 
-def _warp_zoom(region: np.ndarray, patch_size: Triple, zoom: float, is_mask: bool) -> np.ndarray:
-    spans = _zoom_spans(patch_size, zoom)
-    if is_mask:
-        # nearest neighbour with the same corner-aligned geometry as the trilinear image path
-        out = region
-        for axis, (p, n) in enumerate(zip(patch_size, spans)):
-            idx = np.rint(np.arange(p) * (n / max(p - 1, 1))).astype(np.intp)
-            out = np.take(out, idx, axis=axis + 1)
-        return out
-    src = torch.from_numpy(np.ascontiguousarray(region, dtype=np.float32))[None]
-    out = F.interpolate(src, size=tuple(patch_size), mode="trilinear", align_corners=True)
-    return out[0].numpy()
+    def _grid_on(self, region: torch.Tensor) -> torch.Tensor:
+        if self._grid is None or self._grid.device != region.device:
+            assert self.params.rotation is not None
+            self._grid = _sampling_grid(self.region_shape, self.lo, self.start, self.patch_size,
+                                        self.params.rotation / self.params.zoom, region.device)
+        return self._grid
 
 
 def _sampling_grid(region_shape: Triple, region_lo: Triple, start: Triple, patch_size: Triple,
-                   matrix: np.ndarray) -> torch.Tensor:
-    """`grid_sample` grid (1, Px, Py, Pz, 3); last dim ordered (Z, Y, X) as torch expects."""
+                   matrix: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """`grid_sample` grid (1, Px, Py, Pz, 3); last dim ordered (Z, Y, X) as torch expects.
+    Built on `device` (float64 offsets rounded once to float32: the same grid on every device)."""
     centre = np.array(start, dtype=np.float64) + (np.array(patch_size) - 1) / 2.0
-    offsets = [torch.arange(p, dtype=torch.float64) - (p - 1) / 2.0 for p in patch_size]
-    grid = torch.empty((*patch_size, 3), dtype=torch.float32)
+    offsets = [torch.arange(p, dtype=torch.float64, device=device) - (p - 1) / 2.0 for p in patch_size]
+    grid = torch.empty((*patch_size, 3), dtype=torch.float32, device=device)
     for k in range(3):  # source axis k, normalised to [-1, 1] over the region (align_corners=True)
         norm = 2.0 / max(region_shape[k] - 1, 1)
-        a = [matrix[k, j] * norm * offsets[j] for j in range(3)]
-        b = (centre[k] - region_lo[k]) * norm - 1.0
+        a = [float(matrix[k, j]) * norm * offsets[j] for j in range(3)]
+        b = float((centre[k] - region_lo[k]) * norm - 1.0)
         plane = (a[0].view(-1, 1) + a[1].view(1, -1)).to(torch.float32)
         torch.add(plane[:, :, None], (a[2] + b).to(torch.float32)[None, None, :], out=grid[..., 2 - k])
     return grid[None]
@@ -216,26 +236,55 @@ def mirror(patch: np.ndarray, flips: tuple[bool, bool, bool]) -> np.ndarray:
     return np.flip(patch, axis=axes) if axes else patch
 
 
-def augment_intensity(patch: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> None:
-    """Light photometric changes, in place on a float32 (C, X, Y, Z) patch, same for all channels."""
-    if rng.random() < cfg.brightness_probability:
-        patch *= np.float32(rng.uniform(*cfg.brightness_range))
-    if rng.random() < cfg.contrast_probability:
-        factor = np.float32(rng.uniform(*cfg.contrast_range))
+GAMMA_MIN_RANGE = 1e-6  # patches with a smaller intensity range are left as they are by gamma
+STD_FLOOR = 1e-8  # guards the std restoration after gamma against a flattened patch
+
+
+@dataclass(frozen=True)
+class IntensityParams:
+    """The photometric draw for one sample; None: that change is not applied."""
+
+    brightness: float | None = None
+    contrast: float | None = None
+    gamma: float | None = None
+
+
+def sample_intensity(rng: np.random.Generator, cfg: AugmentConfig) -> IntensityParams:
+    """Draw brightness, contrast and gamma (in this order, one `random()` each and a value when
+    applied): the draws `augment_intensity` has always made, so the stream is unchanged."""
+    values = []
+    for probability, value_range in ((cfg.brightness_probability, cfg.brightness_range),
+                                     (cfg.contrast_probability, cfg.contrast_range),
+                                     (cfg.gamma_probability, cfg.gamma_range)):
+        values.append(float(rng.uniform(*value_range)) if rng.random() < probability else None)
+    return IntensityParams(*values)
+
+
+def apply_intensity(patch: np.ndarray, params: IntensityParams) -> None:
+    """Light photometric changes, in place on a float32 (C, X, Y, Z) patch, same for all channels.
+    `device_augment.apply_intensity_batch` is the batched torch twin; keep them in step."""
+    if params.brightness is not None:
+        patch *= np.float32(params.brightness)
+    if params.contrast is not None:
+        factor = np.float32(params.contrast)
         lo, hi, mean = patch.min(), patch.max(), patch.mean(dtype=np.float64)
         patch -= np.float32(mean)
         patch *= factor
         patch += np.float32(mean)
         np.clip(patch, lo, hi, out=patch)
-    if rng.random() < cfg.gamma_probability:
-        gamma = rng.uniform(*cfg.gamma_range)
+    if params.gamma is not None:
         lo, hi = float(patch.min()), float(patch.max())
-        if hi - lo > 1e-6:  # a constant patch has no contrast to bend
+        if hi - lo > GAMMA_MIN_RANGE:  # a constant patch has no contrast to bend
             mean, std = patch.mean(dtype=np.float64), patch.std(dtype=np.float64)
             patch -= np.float32(lo)
             patch *= np.float32(1.0 / (hi - lo))
-            np.power(patch, np.float32(gamma), out=patch)
+            np.power(patch, np.float32(params.gamma), out=patch)
             new_mean, new_std = patch.mean(dtype=np.float64), patch.std(dtype=np.float64)
             patch -= np.float32(new_mean)
-            patch *= np.float32(std / max(new_std, 1e-8))
+            patch *= np.float32(std / max(new_std, STD_FLOOR))
             patch += np.float32(mean)
+
+
+def augment_intensity(patch: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> None:
+    """Draw (`sample_intensity`) and apply (`apply_intensity`) in place."""
+    apply_intensity(patch, sample_intensity(rng, cfg))

@@ -12,6 +12,9 @@ detection (naming the signal) and shutdown when the iterator is dropped. What it
   and never a silently substituted case.
 - `blosc2.set_nthreads(1)` before the workers fork: a parent that decompressed with blosc2
   threads leaves their locks held in the children, which then deadlock on their first read.
+- augmentation on the training device (`augment_on_device`, the default with CUDA): workers
+  yield `RawBatch`es (raw regions + drawn parameters) and `batch.to(device)` augments there
+  (`device_augment.py`), so workers only read and decompress.
 - memory shared with the parent stays shared: the cases are a `CaseIndex` (arrays, no object
   per case) and each worker freezes the garbage collector's view of what it inherited
   (`_worker_init`), so a long run does not copy the parent's objects into every worker.
@@ -32,8 +35,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from nnssl.dataloading.augment import AugmentConfig
+from nnssl.dataloading.batch import Batch
 from nnssl.dataloading.case_index import CaseIndex
 from nnssl.dataloading.dataset import CaseRecord
+from nnssl.dataloading.device_augment import RawBatch
 from nnssl.dataloading.patches import CaseReadError
 from nnssl.dataloading.sampling import FOREGROUND_PROBABILITY, PatchSampler, SampleError, SampleSpec
 from nnssl.errors import InvalidInput
@@ -64,6 +69,9 @@ class LoaderSettings:
     # train only on images whose image-quality score is at most this (OpenMind's score, lower is
     # better; the reference's _IQS<X> trainers); images without a score are left out. None: all
     max_iqs: float | None = None
+    # zoom / rotation / intensity on the training device instead of in the workers; None: on when
+    # training on CUDA, off on the CPU (see resolve_augment_on_device)
+    augment_on_device: bool | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -88,6 +96,9 @@ class LoaderConfig:
     prefetch: int = 2  # batches queued per worker
     pin_memory: bool | None = None  # None: pin when CUDA is available
     num_channels: int = 1
+    # workers send raw regions, `batch.to(device)` augments (device_augment.py); None: when CUDA
+    # is available (the trainer resolves it with its own device, resolve_augment_on_device)
+    augment_on_device: bool | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
@@ -114,30 +125,28 @@ class LoaderConfig:
         return SampleSpec(self.patch_size, self.num_channels, self.foreground_probability, self.augment)
 
 
-@dataclass
-class Batch:
-    """One training batch. Masks mark voxels to exclude from losses (True = defaced)."""
-
-    data: torch.Tensor  # [B, C, X, Y, Z] float32
-    anonymization_mask: torch.Tensor  # [B, 1, X, Y, Z] bool
-    image_ids: list[str]
-    step: int
-
-    def pin_memory(self) -> Batch:  # called by DataLoader's pin-memory thread
-        return Batch(self.data.pin_memory(), self.anonymization_mask.pin_memory(), self.image_ids, self.step)
-
-    def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
-        return Batch(self.data.to(device, non_blocking=non_blocking),
-                     self.anonymization_mask.to(device, non_blocking=non_blocking), self.image_ids, self.step)
+def resolve_augment_on_device(setting: bool | None, device: torch.device | str | None = None) -> bool:
+    """`augment_on_device` as set, or (None) on when the training device is CUDA; without a
+    device, when CUDA is available. A CPU run augments in its workers: there the training
+    process has no spare compute to give."""
+    if setting is not None:
+        return bool(setting)
+    if device is None:
+        return torch.cuda.is_available()
+    return torch.device(device).type == "cuda"
 
 
-def build_batch(sampler: PatchSampler, config: LoaderConfig, rank: int, step: int) -> Batch:
+def build_batch(sampler: PatchSampler, config: LoaderConfig, rank: int, step: int, on_device: bool = False
+                ) -> Batch | RawBatch:
     """Batch `step` of `rank`: the global samples rank·B .. rank·B + B − 1 of that step (a pure
-    function of the configuration, the cases and the step, independent of the world size).
+    function of the configuration, the cases and the step, independent of the world size);
+    with `on_device`, the same samples as a `RawBatch` to be augmented by `.to(device)`.
 
     Tensors are ordinary; torch moves them to shared memory when a worker sends them. Allocating
     them in shared memory up front measured no faster (160³, batch 8).
     """
+    if on_device:
+        return sampler.raw_batch(config.seed, step, config.batch_size, first_index=rank * config.batch_size)
     data = torch.empty((config.batch_size, config.num_channels, *config.patch_size), dtype=torch.float32)
     mask = torch.empty((config.batch_size, 1, *config.patch_size), dtype=torch.bool)
     infos = sampler.fill_batch(config.seed, step, data.numpy(), mask.numpy(), first_index=rank * config.batch_size)
@@ -176,18 +185,18 @@ class _StepStream(IterableDataset):
     """Batches of steps start + w, start + w + N, ... in worker w of N."""
 
     def __init__(self, cases: Sequence[CaseRecord], config: LoaderConfig, rank: int,
-                 start_step: int, end_step: int | None) -> None:
+                 start_step: int, end_step: int | None, on_device: bool) -> None:
         self.cases, self.config, self.rank = CaseIndex.of(cases), config, rank
-        self.start_step, self.end_step = start_step, end_step
+        self.start_step, self.end_step, self.on_device = start_step, end_step, on_device
 
-    def __iter__(self) -> Iterator[Batch | _Failure]:
+    def __iter__(self) -> Iterator[Batch | RawBatch | _Failure]:
         info = get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         sampler = PatchSampler(self.cases, self.config.sample_spec)
         step = self.start_step + worker
         while self.end_step is None or step < self.end_step:
             try:
-                batch = build_batch(sampler, self.config, self.rank, step)
+                batch = build_batch(sampler, self.config, self.rank, step, self.on_device)
             except Exception as e:
                 yield _Failure.capture(step, e)
                 return
@@ -207,7 +216,8 @@ def _worker_init(worker_id: int) -> None:
 
 
 class PretrainLoader:
-    """Iterable over `Batch` for steps [start_step, end_step) (endless when end_step is None).
+    """Iterable over `Batch` for steps [start_step, end_step) (endless when end_step is None);
+    with `augment_on_device`, over `RawBatch` (`batch.to(device)` augments it into a `Batch`).
 
     Use as a context manager (or call `close()`) so worker processes end with the loop.
     `next_step` is the step of the next batch to be returned: store it in the checkpoint and pass
@@ -231,27 +241,30 @@ class PretrainLoader:
         self.num_workers = (default_num_workers(world_size) if config.num_workers is None
                             else config.num_workers)
         self.pin_memory = torch.cuda.is_available() if config.pin_memory is None else config.pin_memory
+        self.augment_on_device = resolve_augment_on_device(config.augment_on_device)
         self._iterator: Any = None
 
-    def batch_at(self, step: int) -> Batch:
+    def batch_at(self, step: int) -> Batch | RawBatch:
         """Batch `step` built in this process (inspection, tests); same content as the stream's."""
-        return build_batch(PatchSampler(self.cases, self.config.sample_spec), self.config, self.rank, step)
+        return build_batch(PatchSampler(self.cases, self.config.sample_spec), self.config, self.rank, step,
+                           self.augment_on_device)
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Batch | RawBatch]:
         self.close()
         if self.num_workers > 0:
             blosc2.set_nthreads(1)  # before the fork, see the module docstring
-        stream = _StepStream(self.cases, self.config, self.rank, self.next_step, self.end_step)
+        stream = _StepStream(self.cases, self.config, self.rank, self.next_step, self.end_step,
+                             self.augment_on_device)
         extra = {"prefetch_factor": self.config.prefetch, "worker_init_fn": _worker_init} \
             if self.num_workers > 0 else {}
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                             pin_memory=self.pin_memory, **extra)
-        logger.debug("data loader: %d workers from step %d (rank %d)",
-                     self.num_workers, self.next_step, self.rank)
+        logger.debug("data loader: %d workers from step %d (rank %d), augmentation %s", self.num_workers,
+                     self.next_step, self.rank, "on the device" if self.augment_on_device else "in the workers")
         self._iterator = iter(loader)
         return self._batches(self._iterator)
 
-    def _batches(self, iterator: Iterator[Batch | _Failure]) -> Iterator[Batch]:
+    def _batches(self, iterator: Iterator[Batch | RawBatch | _Failure]) -> Iterator[Batch | RawBatch]:
         try:
             for item in iterator:
                 if isinstance(item, _Failure):

@@ -10,10 +10,11 @@ naming the case, the file and the reason.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd

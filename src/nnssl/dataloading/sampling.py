@@ -4,24 +4,35 @@ Every random draw of batch `step` on rank `rank` comes from generators seeded wi
 `(seed, rank, step, sample index)`, never from global state, so a batch can be rebuilt from
 its step alone (resume needs only the step), does not depend on how many workers produced it,
 and ranks see different streams.
+
+A sample's draws (case, placement, geometry, intensity) all happen before any voxel is read
+(`_Draw`), so the same draws either finish the patch here (`sample_into`, augmentation in the
+worker) or travel with the raw region to the training device (`raw_batch`, device_augment.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from nnssl.dataloading.augment import (
     AugmentConfig,
+    IntensityParams,
     PatchWarp,
-    augment_intensity,
+    SpatialParams,
+    apply_intensity,
     mirror,
+    sample_intensity,
     sample_spatial,
 )
 from nnssl.dataloading.case_index import CaseIndex
 from nnssl.dataloading.dataset import CaseRecord
+from nnssl.dataloading.device_augment import RawBatch, RawSample
 from nnssl.dataloading.patches import (
     CaseReadError,
     ForegroundIndex,
@@ -95,35 +106,36 @@ class PatchSampler:
                 return foreground_start(shape, patch, points[rng.integers(len(points))]), True
         return random_start(shape, patch, rng), False
 
+    def _draw(self, record: CaseRecord, rng: np.random.Generator) -> _Draw:
+        """Every remaining random draw of one sample, in the stream's order: placement, geometry,
+        intensity (reading voxels draws nothing, so drawing intensity before the read changes no
+        value)."""
+        case = open_case(record, self.spec.num_channels)
+        start, on_foreground = self._place(case, rng)
+        spatial = sample_spatial(rng, self.spec.augment)
+        intensity = sample_intensity(rng, self.spec.augment)
+        return _Draw(case, start, on_foreground, spatial, intensity, PatchWarp(start, self.spec.patch_size, spatial))
+
+    def _record(self, rng: np.random.Generator) -> CaseRecord:
+        return self.cases[int(rng.integers(len(self.cases)))]
+
     def sample_into(self, rng: np.random.Generator, data_out: np.ndarray, mask_out: np.ndarray) -> SampleInfo:
         """Fill `data_out` (C, *patch) float32 and `mask_out` (1, *patch) bool with one sample.
 
         Raises CaseReadError (bad data) or SampleError (anything else), both naming the case.
         """
-        record = self.cases[int(rng.integers(len(self.cases)))]
-        try:
-            case = open_case(record, self.spec.num_channels)
-            start, on_foreground = self._place(case, rng)
-            return self._build(case, rng, start, on_foreground, data_out, mask_out)
-        except CaseReadError:
-            raise  # bad data: already names the case and the file
-        except Exception as e:
-            raise SampleError(record.image_id, str(record.image), f"{type(e).__name__}: {e}") from e
-
-    def _build(self, case: OpenCase, rng: np.random.Generator, start: Triple, on_foreground: bool,
-               data_out: np.ndarray, mask_out: np.ndarray) -> SampleInfo:
-        aug, patch = self.spec.augment, self.spec.patch_size
-        params = sample_spatial(rng, aug)
-        geometry = PatchWarp(start, patch, params)
-        region = read_case_region(case, "image", geometry.lo, geometry.hi)
-        data_out[...] = mirror(geometry.image(region), params.mirror)
-        augment_intensity(data_out, rng, aug)
-        if case.anonymization_mask is None:
-            mask_out[...] = False
-        else:
-            region = read_case_region(case, "anonymization_mask", geometry.lo, geometry.hi)
-            mask_out[...] = mirror(geometry.mask(region), params.mirror) != 0
-        return SampleInfo(case.record.image_id, start, on_foreground, (geometry.lo, geometry.hi))
+        record = self._record(rng)
+        with _naming(record):
+            draw = self._draw(record, rng)
+            case, warp, flips = draw.case, draw.warp, draw.spatial.mirror
+            data_out[...] = mirror(warp.image(read_case_region(case, "image", warp.lo, warp.hi)), flips)
+            apply_intensity(data_out, draw.intensity)
+            if case.anonymization_mask is None:
+                mask_out[...] = False
+            else:
+                region = read_case_region(case, "anonymization_mask", warp.lo, warp.hi)
+                mask_out[...] = mirror(warp.mask(region), flips) != 0
+            return SampleInfo(record.image_id, draw.start, draw.on_foreground, (warp.lo, warp.hi))
 
     def fill_batch(self, seed: int, step: int, data: np.ndarray, mask: np.ndarray,
                    first_index: int = 0) -> list[SampleInfo]:
@@ -131,3 +143,58 @@ class PatchSampler:
         first_index .. first_index + B − 1 of `step`."""
         return [self.sample_into(sample_rng(seed, step, first_index + i), data[i], mask[i])
                 for i in range(data.shape[0])]
+
+    def raw_batch(self, seed: int, step: int, size: int, first_index: int = 0) -> RawBatch:
+        """The same global samples as `fill_batch`, not augmented: each sample's source region
+        (exactly the voxels its geometry reads) and its drawn parameters, packed into one buffer
+        per dtype for `RawBatch.to(device)`. Mask regions without a defaced voxel are not sent."""
+        draws = []
+        for i in range(size):
+            rng = sample_rng(seed, step, first_index + i)
+            record = self._record(rng)
+            with _naming(record):
+                draws.append(self._draw(record, rng))
+        channels = self.spec.num_channels
+        images = torch.empty(sum(channels * math.prod(d.warp.region_shape) for d in draws), dtype=torch.float32)
+        masks: list[np.ndarray] = []
+        samples, offset, mask_offset = [], 0, 0
+        for draw in draws:
+            case, warp = draw.case, draw.warp
+            size_here = channels * math.prod(warp.region_shape)
+            sample_mask_offset = None
+            with _naming(case.record):
+                target = images[offset:offset + size_here].numpy().reshape(channels, *warp.region_shape)
+                target[...] = read_case_region(case, "image", warp.lo, warp.hi)
+                if case.anonymization_mask is not None:
+                    region = read_case_region(case, "anonymization_mask", warp.lo, warp.hi)
+                    if region.any():
+                        masks.append(region.ravel())
+                        sample_mask_offset, mask_offset = mask_offset, mask_offset + region.size
+            samples.append(RawSample(case.record.image_id, draw.start, draw.spatial, draw.intensity, offset,
+                                     sample_mask_offset))
+            offset += size_here
+        packed_masks = torch.from_numpy(np.concatenate(masks)) if masks else torch.empty(0, dtype=torch.uint8)
+        return RawBatch(images, packed_masks, samples, self.spec.patch_size, channels, step)
+
+
+@dataclass
+class _Draw:
+    """One sample's random draws and the geometry they imply."""
+
+    case: OpenCase
+    start: Triple
+    on_foreground: bool
+    spatial: SpatialParams
+    intensity: IntensityParams
+    warp: PatchWarp
+
+
+@contextmanager
+def _naming(record: CaseRecord) -> Iterator[None]:
+    """CaseReadError (bad data) passes through; anything else becomes a SampleError naming the case."""
+    try:
+        yield
+    except CaseReadError:
+        raise  # bad data: already names the case and the file
+    except Exception as e:
+        raise SampleError(record.image_id, str(record.image), f"{type(e).__name__}: {e}") from e

@@ -82,7 +82,8 @@ class ProbeConfig:
         if self.token_readout not in TOKEN_READOUTS:
             problems.append(f"token_readout must be one of {', '.join(TOKEN_READOUTS)}, got {self.token_readout!r}")
         if isinstance(self.probe_cell, bool) or not isinstance(self.probe_cell, int) or self.probe_cell < 0:
-            problems.append(f"probe_cell must be an integer >= 0 (0: the encoder's token grid), got {self.probe_cell!r}")
+            problems.append(f"probe_cell must be an integer >= 0 (0: the encoder's token grid), "
+                            f"got {self.probe_cell!r}")
         if self.max_train_tokens < 100 or self.max_rankme_tokens < 2 or self.max_tokens_per_case < 1:
             problems.append("max_train_tokens must be >= 100, max_rankme_tokens >= 2 and max_tokens_per_case >= 1")
         if problems:

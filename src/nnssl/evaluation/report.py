@@ -120,9 +120,11 @@ def format_summary(result: dict[str, Any]) -> str:
     for label, section, key in rows:
         lines.append(f"{label:34s}{enc['pretrained'][section][key]:12.3f}{enc['random'][section][key]:12.3f}")
     for probe, names in result.get("baselines", {}).items():
-        scores = ", ".join(f"{name.replace('_', ' ')} {entry['balanced_accuracy']:.3f}" for name, entry in names.items())
+        scores = ", ".join(f"{name.replace('_', ' ')} {entry['balanced_accuracy']:.3f}"
+                           for name, entry in names.items())
         chance = enc["pretrained"][probe].get("chance_balanced_accuracy")
-        lines.append(f"{probe.replace('_', ' ')} baselines (balanced acc.{'' if chance is None else f', chance {chance:.3f}'}): "
+        shown_chance = "" if chance is None else f", chance {chance:.3f}"
+        lines.append(f"{probe.replace('_', ' ')} baselines (balanced acc.{shown_chance}): "
                      f"{scores}")
     for key, value in result.get("pretrained_minus_random", {}).items():
         lines.append(f"pretrained - random, {key.replace('_', ' ')}: {100 * value:+.1f} points")

@@ -78,8 +78,8 @@ class InvalidIJEPAConfig(NnsslError, ValueError):
 
 @dataclass(frozen=True)
 class IJEPAConfig:
-    """I-JEPA settings (section `ijepa` of the training configuration; defaults: the released I-JEPA). `predictor_heads=None`
-    takes the encoder's head count when it divides the width (I-JEPA), else the largest divisor
+    """I-JEPA settings (section `ijepa` of the training configuration; defaults: the released I-JEPA).
+    `predictor_heads=None` takes the encoder's head count when it divides the width (I-JEPA), else the largest divisor
     of the width below it.
 
     Levers (documentation/ijepa_method.md; defaults keep the released method exactly):
@@ -211,7 +211,7 @@ class IJEPA(PretrainingMethod):
         # run's seed is the sampler's (a plain IJEPA without a sampler uses 0)
         self.regularizer_seed = int(mask_sampler.seed) if mask_sampler is not None else 0
 
-    def train(self, mode: bool = True) -> "IJEPA":
+    def train(self, mode: bool = True) -> IJEPA:
         super().train(mode)
         self.teacher.eval()  # targets never see drop-path / dropout noise
         return self

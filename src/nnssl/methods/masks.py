@@ -111,17 +111,17 @@ class MaskBatch:
     target_shape: Shape    # the box shape shared by every target of the batch
     context_shape: Shape   # the context cube before the targets were removed
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "MaskBatch":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> MaskBatch:
         return MaskBatch(self.context.to(device, non_blocking=non_blocking),
                          self.targets.to(device, non_blocking=non_blocking),
                          self.target_shape, self.context_shape)
 
-    def rows(self, start: int, stop: int) -> "MaskBatch":
+    def rows(self, start: int, stop: int) -> MaskBatch:
         """Samples start .. stop − 1 (one rank's share of a global batch)."""
         return MaskBatch(self.context[start:stop], self.targets[:, start:stop], self.target_shape,
                          self.context_shape)
 
-    def for_rank(self, rank: int, world_size: int) -> "MaskBatch":
+    def for_rank(self, rank: int, world_size: int) -> MaskBatch:
         """Rank `rank`'s equal share of this global batch."""
         per_rank, rest = divmod(self.context.shape[0], world_size)
         if rest or not 0 <= rank < world_size:

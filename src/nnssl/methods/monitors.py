@@ -1,4 +1,7 @@
-"""Collapse monitors for I-JEPA (documentation/ijepa_method.md, "Collapse alarms"; RankMe: Garrido et al., ICML 2023): cheap statistics returned as Python floats.
+"""Collapse monitors for I-JEPA: cheap statistics returned as Python floats.
+
+Thresholds and their evidence: documentation/ijepa_method.md, "Collapse alarms"; RankMe: Garrido
+et al., ICML 2023.
 
 The loss cannot reveal collapse: a constant teacher gives constant LN₀ targets that the
 predictor matches trivially, because LN₀ normalises each token over its features, not across
@@ -131,7 +134,8 @@ def rankme_ceiling(tokens: torch.Tensor, max_tokens: int = 16384) -> int:
 
 
 def collapse_metrics(teacher_tokens: torch.Tensor, predictions: torch.Tensor | None = None) -> dict[str, float]:
-    """The collapse monitors (documentation/ijepa_method.md) for [B, N, E] LN₀-normalised teacher tokens (all tokens of the
+    """The collapse monitors (documentation/ijepa_method.md) for [B, N, E] LN₀-normalised teacher
+    tokens (all tokens of the
     batch) and, when given, the predictions [M*B, Kt, E]. Keys: target_std, token_rankme,
     token_rankme_fraction (RankMe / min(E, token rows): comparable across widths and batch
     sizes), pooled_rankme, cos_within, cos_across, and pred_std only when predictions are given.

@@ -60,7 +60,7 @@ class BatchReduction:
     all_reduce_sum: Callable[[torch.Tensor], object] | None = None
 
     @staticmethod
-    def from_process_group() -> "BatchReduction":
+    def from_process_group() -> BatchReduction:
         """The default process group's ranks when torch.distributed is initialised, else one
         process."""
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

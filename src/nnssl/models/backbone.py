@@ -90,7 +90,7 @@ class BackboneSpec:
 
     @classmethod
     def from_network(cls, network: nn.Module, arch_class_name: str, kwargs: dict[str, Any],
-                     input_shape: tuple[int, int, int], shape_kwarg: str | None = None) -> "BackboneSpec":
+                     input_shape: tuple[int, int, int], shape_kwarg: str | None = None) -> BackboneSpec:
         plain, requiring = plain_arch_kwargs(kwargs)
         keys = tuple(getattr(network, "keys_to_in_proj", ()))
         return cls(arch_class_name=arch_class_name, network_class=class_path(type(network)), arch_kwargs=plain,
@@ -131,14 +131,16 @@ class BackboneSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return {"arch_class_name": self.arch_class_name, "network_class": self.network_class,
-                "arch_kwargs": dict(self.arch_kwargs), "arch_kwargs_requiring_import": list(self.arch_kwargs_requiring_import),
+                "arch_kwargs": dict(self.arch_kwargs),
+                "arch_kwargs_requiring_import": list(self.arch_kwargs_requiring_import),
                 **self.transfer_keys(), "input_shape": list(self.input_shape), "channels_kwarg": self.channels_kwarg,
                 "classes_kwarg": self.classes_kwarg, "shape_kwarg": self.shape_kwarg, "extra": dict(self.extra)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "BackboneSpec":
+    def from_dict(cls, d: dict[str, Any]) -> BackboneSpec:
         return cls(arch_class_name=d["arch_class_name"], network_class=d["network_class"],
-                   arch_kwargs=dict(d["arch_kwargs"]), arch_kwargs_requiring_import=list(d["arch_kwargs_requiring_import"]),
+                   arch_kwargs=dict(d["arch_kwargs"]),
+                   arch_kwargs_requiring_import=list(d["arch_kwargs_requiring_import"]),
                    key_to_encoder=d["key_to_encoder"], key_to_stem=d["key_to_stem"],
                    keys_to_in_proj=tuple(d["keys_to_in_proj"]), key_to_lpe=d.get("key_to_lpe"),
                    input_shape=tuple(d["input_shape"]), channels_kwarg=d.get("channels_kwarg", "input_channels"),

@@ -1,8 +1,8 @@
 """The I-JEPA predictor: a narrow transformer that predicts target-block features from context.
 
-As in the released I-JEPA (Assran et al. 2023, documentation/ijepa_method.md): the context tokens are projected to the predictor
-width and get fixed sin-cos positions; each target block gets one query per token (the one
-shared learnable mask token plus the position); every block is predicted in its own sequence
+As in the released I-JEPA (Assran et al. 2023, documentation/ijepa_method.md): the context tokens
+are projected to the predictor width and get fixed sin-cos positions; each target block gets one
+query per token (the one shared learnable mask token plus the position); every block is predicted in its own sequence
 [context ; block-m queries], so queries of different blocks never attend to each other; the M
 sequences are batched block-major (row m·B + b). Positions are 3D sin-cos in V-JEPA's "uniform
 power" form (documentation/ijepa_method.md). Attention runs on `F.scaled_dot_product_attention` (fused kernels on
@@ -100,7 +100,8 @@ class JEPAPredictor(nn.Module):
         problems = []
         if width < 1 or encoder_dim < 1 or depth < 0 or num_heads < 1 or mlp_ratio <= 0:
             problems.append(f"need width, encoder_dim, num_heads >= 1, depth >= 0 and mlp_ratio > 0; got width "
-                            f"{width}, encoder_dim {encoder_dim}, heads {num_heads}, depth {depth}, mlp_ratio {mlp_ratio}")
+                            f"{width}, encoder_dim {encoder_dim}, heads {num_heads}, depth {depth}, "
+                            f"mlp_ratio {mlp_ratio}")
         elif width % num_heads:
             problems.append(f"predictor width {width} must be divisible by its {num_heads} heads")
         if problems:

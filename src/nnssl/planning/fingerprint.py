@@ -140,7 +140,7 @@ def extract_fingerprint(collection: Collection, config: FingerprintConfig = Fing
     for image_id, geometry in fp.images.items():
         by_modality.setdefault(geometry["modality"], []).append(image_id)
     sample_jobs = []
-    for modality, ids in sorted(by_modality.items()):
+    for _modality, ids in sorted(by_modality.items()):
         chosen = rng.choice(len(ids), min(len(ids), config.images_per_modality), replace=False)
         sample_jobs += [(ids[i], fp.images[ids[i]]["path"], config.voxels_per_image,
                          config.seed + int(i)) for i in sorted(chosen)]

@@ -39,7 +39,7 @@ class ConfigurationPlan:
         return {**d, **self.extra}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ConfigurationPlan":
+    def from_dict(cls, d: dict[str, Any]) -> ConfigurationPlan:
         names = {f.name for f in fields(cls)} - {"extra"}
         missing = [n for n in ("data_identifier", "spacing", "patch_size") if n not in d]
         if missing:
@@ -80,7 +80,7 @@ class Plans:
         return {**d, **self.extra}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "<dict>") -> "Plans":
+    def from_dict(cls, d: dict[str, Any], source: str = "<dict>") -> Plans:
         names = {f.name for f in fields(cls)} - {"extra"}
         required = names - {"normalization_per_modality"}
         missing = sorted(required - set(d))
@@ -96,7 +96,7 @@ class Plans:
         return cls(**known, configurations=configs, extra={k: v for k, v in d.items() if k not in names})
 
     @classmethod
-    def load(cls, path: str | Path) -> "Plans":
+    def load(cls, path: str | Path) -> Plans:
         return cls.from_dict(read_json(path), source=str(path))
 
     def save(self, path: str | Path) -> None:

@@ -27,7 +27,8 @@ logger = get_logger(__name__)
 MAX_NONFINITE_STEPS = 10
 
 
-def random_crops(volumes: np.ndarray, patch: tuple[int, int, int], batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+def random_crops(volumes: np.ndarray, patch: tuple[int, int, int], batch_size: int,
+                 seed: int) -> Iterator[torch.Tensor]:
     """Endless batches [batch, C, *patch] of random crops of `volumes` [n, C, X, Y, Z], each mirrored
     on every axis with probability 1/2, from one seeded generator."""
     if volumes.ndim != 5 or any(s < p for s, p in zip(volumes.shape[2:], patch)):

@@ -79,7 +79,7 @@ class _StopSignals:
         self.received: str | None = None
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "_StopSignals":
+    def __enter__(self) -> _StopSignals:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -218,9 +218,12 @@ class Trainer:
                                                                                 self.ctx.options.stop_at_step)
         self.method.train()
         loader = PretrainLoader(self.ctx.data.train_cases,
-                                loader_config(cfg, self.ctx.options, self.ctx.local_batch_size),
+                                loader_config(cfg, self.ctx.options, self.ctx.local_batch_size, device=self.device),
                                 rank=self.dist.rank, world_size=self.dist.world_size, start_step=state.step,
                                 end_step=end)
+        if self.dist.is_main:
+            logger.info("augmentation %s (loader.augment_on_device %s)", f"on {self.device}" if loader.augment_on_device
+                        else "in the loader workers", cfg.loader.augment_on_device)
         interval, nonfinite, self._stop_flag = _Interval(), 0, False
         bar = self._progress_bar(end)
         with _StopSignals() as signals, loader:
@@ -230,6 +233,8 @@ class Trainer:
                 t0 = time.perf_counter()
                 batch = next(batches)
                 t1 = time.perf_counter()
+                # to the device; a RawBatch (loader.augment_on_device) is augmented there, in the step's time
+                batch = batch.to(self.device, non_blocking=True)
                 result = self.train_step(batch, state.step)
                 loss, out = result.loss, result.output
                 interval.add(loss, time.perf_counter() - t0, t1 - t0)
@@ -249,8 +254,8 @@ class Trainer:
                     raise TrainingDiverged(
                         f"the loss was not finite for {nonfinite} consecutive steps (last cases: "
                         f"{', '.join(batch.image_ids)}); training stopped at step {state.step}. The last good "
-                        f"state is in {path}. Lower the learning rate (optim.peak_lr {cfg.optim.peak_lr}) or check those "
-                        "cases for extreme intensities, then resume with --c")
+                        f"state is in {path}. Lower the learning rate (optim.peak_lr {cfg.optim.peak_lr}) "
+                        "or check those cases for extreme intensities, then resume with --c")
                 if state.step % self.log_every == 0 or state.step == end:
                     self._log(state.step, interval, out)
                     interval = _Interval()
@@ -262,7 +267,8 @@ class Trainer:
                     path = save_training_checkpoint(self, "checkpoint_latest.pth")
                     logger.info("%s received: saved %s at step %d; resume with --c", stopped, path, state.step)
                     return TrainOutcome(state.step, False, stopped, str(path), state.val_loss)
-                if (epoch_done or self._checkpoint_due()) and state.step < cfg.total_steps:
+                if (self.ctx.options.periodic_checkpoints and (epoch_done or self._checkpoint_due())
+                        and state.step < cfg.total_steps):
                     save_training_checkpoint(self, "checkpoint_latest.pth")
                     self._plot()
         if bar is not None:
@@ -312,11 +318,10 @@ class Trainer:
         self.method.eval()
         losses = []
         for i in range(self.config.num_val_iterations):
-            batch = loader.batch_at(i)
+            batch = loader.batch_at(i).to(self.device, non_blocking=False)  # plain crops: a Batch
             with self._autocast():
-                out = self.method.training_output(batch.data.to(self.device), batch.anonymization_mask.to(self.device),
-                                                  i, rank=self.dist.rank, world_size=self.dist.world_size,
-                                                  stream=VALIDATION_STREAM)
+                out = self.method.training_output(batch.data, batch.anonymization_mask, i, rank=self.dist.rank,
+                                                  world_size=self.dist.world_size, stream=VALIDATION_STREAM)
             losses.append(float(out.loss))
         self.method.train()
         val = distributed.all_reduce_mean([sum(losses) / len(losses)], self.dist.device)[0]

@@ -29,6 +29,9 @@ class RunOptions:
     pretrained_weights: Path | None = None
     num_workers: int | None = None  # loader worker processes per rank; None: one per CPU
     checkpoint_every_minutes: float = 30.0  # checkpoint_latest.pth at least this often (and every epoch)
+    # False (`--disable_checkpointing`, the reference's flag for trial runs): no periodic
+    # checkpoint_latest.pth; the final checkpoint, and the one a stop signal or divergence saves, stay
+    periodic_checkpoints: bool = True
     log_every: int | None = None  # steps between logged metrics; None: min(50, iterations per epoch)
     max_nonfinite_steps: int = 10  # consecutive non-finite losses that stop the run
     precision: str = "auto"  # auto: bf16 on GPUs with bf16, fp16 + loss scaling on older GPUs, fp32 elsewhere

@@ -16,6 +16,7 @@ import os
 import time
 from pathlib import Path
 
+from nnssl.dataloading.loader import resolve_augment_on_device
 from nnssl.errors import NnsslError
 from nnssl.io_utils import write_json
 from nnssl.log import add_log_file, get_logger, setup_logging
@@ -112,8 +113,11 @@ def _initial_state(ctx: RunContext) -> TrainState | None:
         state.log_file_handler = add_log_file(out / f"training_log_{time.strftime('%Y_%m_%d_%H_%M_%S')}.txt")
         for note in ctx.geometry_notes:
             logger.info(note)
-        write_json(out / "training_config.json", {"trainer": ctx.config.to_dict(), "run": _options_dict(ctx.options),
-                                                  "world_size": ctx.dist.world_size, "device": ctx.dist.device})
+        write_json(out / "training_config.json", {
+            "trainer": ctx.config.to_dict(), "run": _options_dict(ctx.options), "world_size": ctx.dist.world_size,
+            "device": ctx.dist.device,
+            # loader.augment_on_device as resolved for this device (null in "trainer" means auto)
+            "augment_on_device": resolve_augment_on_device(ctx.config.loader.augment_on_device, ctx.dist.device)})
         write_json(ctx.run_folder / "plans.json", ctx.data.plans.to_dict())
         write_json(ctx.run_folder / "adaptation_plan.json",
                    adaptation_plan(ctx.method.backbone, ctx.data.plans, ctx.options.configuration, 1))

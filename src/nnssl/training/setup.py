@@ -18,7 +18,7 @@ from nnssl import paths
 from nnssl.dataloading.augment import AugmentConfig
 from nnssl.dataloading.case_index import CaseIndex
 from nnssl.dataloading.dataset import load_cases, make_or_load_splits, split_cases
-from nnssl.dataloading.loader import LoaderConfig
+from nnssl.dataloading.loader import LoaderConfig, resolve_augment_on_device
 from nnssl.errors import NnsslError
 from nnssl.log import get_logger
 from nnssl.methods.base import PretrainingMethod
@@ -123,15 +123,19 @@ def _filter_by_iqs(cases: CaseIndex, collection: Path, max_iqs: float) -> CaseIn
     return cases.subset([i for i, image_id in enumerate(cases.image_ids()) if image_id in kept])
 
 
-def loader_config(config: TrainingConfig, options: RunOptions, local_batch: int, validation: bool = False
-                  ) -> LoaderConfig:
-    """Training batches are augmented; validation batches are plain crops with their own seed."""
+def loader_config(config: TrainingConfig, options: RunOptions, local_batch: int, validation: bool = False,
+                  device: torch.device | str | None = None) -> LoaderConfig:
+    """Training batches are augmented (on `device` when `loader.augment_on_device` resolves to on
+    for it: by default on CUDA); validation batches are plain crops with their own seed, built in
+    the training process."""
     assert config.patch_size is not None  # with_geometry resolved it
     return LoaderConfig(patch_size=config.patch_size, batch_size=local_batch,
                         num_workers=0 if validation else options.num_workers,
                         foreground_probability=config.loader.foreground_probability,
                         augment=AugmentConfig.disabled() if validation else config.augment,
-                        seed=config.seed + (1 if validation else 0))
+                        seed=config.seed + (1 if validation else 0),
+                        augment_on_device=False if validation else resolve_augment_on_device(
+                            config.loader.augment_on_device, device))
 
 
 def check_batch_split(config: TrainingConfig, world_size: int) -> None:
