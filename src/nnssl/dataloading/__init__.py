@@ -13,6 +13,7 @@ Typical use (see documentation/data_loading.md):
 
 from nnssl.dataloading.augment import AugmentConfig
 from nnssl.dataloading.batch import Batch
+from nnssl.dataloading.case_index import CaseIndex
 from nnssl.dataloading.dataset import CaseRecord, load_cases, make_or_load_splits, split_cases
 from nnssl.dataloading.device_augment import RawBatch
 from nnssl.dataloading.loader import LoaderConfig, PretrainLoader, default_num_workers
@@ -20,7 +21,6 @@ from nnssl.dataloading.patches import CaseReadError
 from nnssl.dataloading.sampling import SampleError
 
 __all__ = [
-    "AugmentConfig", "Batch", "CaseReadError", "CaseRecord", "LoaderConfig", "PretrainLoader", "RawBatch",
-    "SampleError",
-    "default_num_workers", "load_cases", "make_or_load_splits", "split_cases",
+    "AugmentConfig", "Batch", "CaseIndex", "CaseReadError", "CaseRecord", "LoaderConfig", "PretrainLoader",
+    "RawBatch", "SampleError", "default_num_workers", "load_cases", "make_or_load_splits", "split_cases",
 ]

@@ -2,19 +2,21 @@
 
 A case is one preprocessed image (`.b2nd`) with its optional masks, listed in
 `pretrain_data__<config>.json` (a Collection whose paths point at the preprocessed files).
+Cases are held in a `CaseIndex` (arrays, not one object per case: see `case_index.py`).
 Splits are by subject (`collection__dataset__subject`), so no subject's sessions leak between
 training and validation; they are written once to `splits_final.json` and reused afterwards.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from nnssl.data.collection import Collection, FlatImage
+from nnssl.dataloading.case_index import CaseIndex, CaseRecord  # noqa: F401  (CaseRecord: re-exported)
 from nnssl.errors import InvalidInput
 from nnssl.io_utils import read_json, write_json
 from nnssl.log import get_logger
@@ -24,33 +26,17 @@ logger = get_logger(__name__)
 _MAX_LISTED = 20  # problems listed in one message; the count of the rest follows
 
 
-@dataclass(frozen=True)
-class CaseRecord:
-    """One preprocessed image: where its arrays are and which subject it belongs to."""
-
-    image_id: str  # collection__dataset__subject__session__imagename
-    subject_key: str  # collection__dataset__subject, the unit of the split
-    image: Path
-    anonymization_mask: Path | None = None  # voxels marked 1 were defaced: excluded from losses
-    anatomy_mask: Path | None = None  # voxels marked 1 are anatomy: used for foreground sampling
-
-
-def _absolute(path: Path, base: Path) -> Path:
+def _absolute(path: Path | None, base: Path) -> str | None:
     # Relative paths in a preprocessed collection are relative to the JSON file, so a dataset
     # folder can be moved as a whole.
-    return path if path.is_absolute() else base / path
+    if path is None:
+        return None
+    return str(path if path.is_absolute() else base / path)
 
 
-def _record(image: FlatImage, base: Path) -> CaseRecord:
-    anon = image.anonymization_mask_path()
-    anat = image.anatomy_mask_path()
-    return CaseRecord(
-        image_id=image.image_id,
-        subject_key=image.subject_key,
-        image=_absolute(image.image_path(), base),
-        anonymization_mask=None if anon is None else _absolute(anon, base),
-        anatomy_mask=None if anat is None else _absolute(anat, base),
-    )
+def _row(image: FlatImage, base: Path) -> tuple[str, str, str, str | None, str | None]:
+    return (image.image_id, image.subject_key, _absolute(image.image_path(), base),  # type: ignore[return-value]
+            _absolute(image.anonymization_mask_path(), base), _absolute(image.anatomy_mask_path(), base))
 
 
 def _listed(problems: list[str]) -> list[str]:
@@ -59,7 +45,7 @@ def _listed(problems: list[str]) -> list[str]:
     return problems[:_MAX_LISTED] + [f"... and {len(problems) - _MAX_LISTED} more"]
 
 
-def load_cases(preprocessed_collection_path: str | Path, check_files: bool = True) -> list[CaseRecord]:
+def load_cases(preprocessed_collection_path: str | Path, check_files: bool = True) -> CaseIndex:
     """Cases of `pretrain_data__<config>.json`, in file order (the order the sampler indexes).
 
     With `check_files`, every listed array must exist; all missing ones are reported together
@@ -71,28 +57,26 @@ def load_cases(preprocessed_collection_path: str | Path, check_files: bool = Tru
             f"preprocessed collection {path} not found; run nnssl_plan_and_preprocess for this "
             "dataset and configuration first"
         )
-    collection = Collection.load(path)
-    cases = [_record(image, path.parent) for image in collection.iter_images()]
-    if not cases:
+    rows = [_row(image, path.parent) for image in Collection.load(path).iter_images()]
+    if not rows:
         raise InvalidInput(f"{path} lists no images; nothing to train on")
     problems: list[str] = []
     seen: set[str] = set()
-    for case in cases:
-        if case.image_id in seen:
-            problems.append(f"duplicate image id {case.image_id}")
-        seen.add(case.image_id)
+    for image_id, _, *files in rows:
+        if image_id in seen:
+            problems.append(f"duplicate image id {image_id}")
+        seen.add(image_id)
         if check_files:
-            for kind, file in (("image", case.image), ("anonymization mask", case.anonymization_mask),
-                               ("anatomy mask", case.anatomy_mask)):
-                if file is not None and not file.is_file():
-                    problems.append(f"{case.image_id}: {kind} {file} not found")
+            for kind, file in zip(("image", "anonymization mask", "anatomy mask"), files):
+                if file is not None and not os.path.isfile(file):
+                    problems.append(f"{image_id}: {kind} {file} not found")
     if problems:
         raise InvalidInput(
             f"{path} does not describe a usable preprocessed dataset (re-run "
             "nnssl_preprocess to write the missing cases):",
             _listed(problems),
         )
-    return cases
+    return CaseIndex.from_rows(rows)
 
 
 def _validate_split(splits: object, subjects: set[str], path: Path) -> dict[str, list[str]]:
@@ -136,7 +120,7 @@ def make_or_load_splits(cases: Iterable[CaseRecord], path: str | Path, seed: int
     into validation.
     """
     path = Path(path)
-    subjects = sorted({case.subject_key for case in cases})
+    subjects = sorted(CaseIndex.of(cases).unique_subjects())
     if not subjects:
         raise InvalidInput("cannot split an empty list of cases")
     if not 0.0 <= val_fraction < 1.0 or min_val_subjects < 0:
@@ -156,16 +140,13 @@ def make_or_load_splits(cases: Iterable[CaseRecord], path: str | Path, seed: int
     return {"train": train, "val": val}
 
 
-def split_cases(cases: Iterable[CaseRecord], splits: dict[str, list[str]]
-                ) -> tuple[list[CaseRecord], list[CaseRecord]]:
-    """(train cases, val cases) in case order, by each case's subject."""
-    train_subjects, val_subjects = set(splits["train"]), set(splits["val"])
-    train, val = [], []
-    for case in cases:
-        if case.subject_key in train_subjects:
-            train.append(case)
-        elif case.subject_key in val_subjects:
-            val.append(case)
-        else:
-            raise InvalidInput(f"subject {case.subject_key} of case {case.image_id} is in no split")
-    return train, val
+def split_cases(cases: Iterable[CaseRecord], splits: dict[str, list[str]]) -> tuple[CaseIndex, CaseIndex]:
+    """(train cases, val cases) in case order, by each case's subject (sharing `cases`' buffers)."""
+    index = CaseIndex.of(cases)
+    train = index.subject_mask(splits["train"])
+    val = index.subject_mask(splits["val"]) & ~train
+    orphans = np.flatnonzero(~(train | val))
+    if orphans.size:
+        i = int(orphans[0])
+        raise InvalidInput(f"subject {index.subject_key(i)} of case {index.image_id(i)} is in no split")
+    return index.subset(np.flatnonzero(train)), index.subset(np.flatnonzero(val))

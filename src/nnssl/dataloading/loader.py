@@ -15,10 +15,14 @@ detection (naming the signal) and shutdown when the iterator is dropped. What it
 - augmentation on the training device (`augment_on_device`, the default with CUDA): workers
   yield `RawBatch`es (raw regions + drawn parameters) and `batch.to(device)` augments there
   (`device_augment.py`), so workers only read and decompress.
+- memory shared with the parent stays shared: the cases are a `CaseIndex` (arrays, no object
+  per case) and each worker freezes the garbage collector's view of what it inherited
+  (`_worker_init`), so a long run does not copy the parent's objects into every worker.
 """
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import traceback
@@ -32,6 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from nnssl.dataloading.augment import AugmentConfig
 from nnssl.dataloading.batch import Batch
+from nnssl.dataloading.case_index import CaseIndex
 from nnssl.dataloading.dataset import CaseRecord
 from nnssl.dataloading.device_augment import RawBatch
 from nnssl.dataloading.patches import CaseReadError
@@ -181,7 +186,7 @@ class _StepStream(IterableDataset):
 
     def __init__(self, cases: Sequence[CaseRecord], config: LoaderConfig, rank: int,
                  start_step: int, end_step: int | None, on_device: bool) -> None:
-        self.cases, self.config, self.rank = list(cases), config, rank
+        self.cases, self.config, self.rank = CaseIndex.of(cases), config, rank
         self.start_step, self.end_step, self.on_device = start_step, end_step, on_device
 
     def __iter__(self) -> Iterator[Batch | RawBatch | _Failure]:
@@ -202,6 +207,12 @@ class _StepStream(IterableDataset):
 def _worker_init(worker_id: int) -> None:
     blosc2.set_nthreads(1)  # also right under "spawn", where the parent's setting is not inherited
     torch.set_num_threads(1)
+    # A full garbage collection writes to the header of every object it visits, so the first one
+    # in a forked worker copies every page of the parent's Python objects (about 50 MB per worker
+    # with torch imported and no model, more with one; benchmarks/scale.py). Freezing moves what
+    # the fork inherited out of the collector's reach (an O(1) list splice); the worker's own
+    # objects are still collected.
+    gc.freeze()
 
 
 class PretrainLoader:
@@ -224,7 +235,7 @@ class PretrainLoader:
             problems.append(f"need 0 <= start_step <= end_step, got {start_step}, {end_step}")
         if problems:
             raise InvalidInput("cannot build the data loader:", problems)
-        self.cases, self.config, self.rank, self.world_size = list(cases), config, rank, world_size
+        self.cases, self.config, self.rank, self.world_size = CaseIndex.of(cases), config, rank, world_size
         self.end_step = end_step
         self.next_step = start_step
         self.num_workers = (default_num_workers(world_size) if config.num_workers is None

@@ -30,6 +30,7 @@ from nnssl.dataloading.augment import (
     sample_intensity,
     sample_spatial,
 )
+from nnssl.dataloading.case_index import CaseIndex
 from nnssl.dataloading.dataset import CaseRecord
 from nnssl.dataloading.device_augment import RawBatch, RawSample
 from nnssl.dataloading.patches import (
@@ -87,12 +88,13 @@ def sample_rng(seed: int, step: int, index: int) -> np.random.Generator:
 
 
 class PatchSampler:
-    """Draws patches from `cases`; holds a per-process foreground cache, nothing else."""
+    """Draws patches from `cases`; holds a per-process foreground cache, nothing else. The cases
+    are kept as a `CaseIndex`, whose pages a forked worker never writes to (see case_index.py)."""
 
     def __init__(self, cases: Sequence[CaseRecord], spec: SampleSpec) -> None:
         if not cases:
             raise ValueError("PatchSampler needs at least one case")
-        self.cases = list(cases)
+        self.cases = CaseIndex.of(cases)
         self.spec = spec
         self.foreground = ForegroundIndex()
 

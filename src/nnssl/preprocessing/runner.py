@@ -16,8 +16,9 @@ as `<plans>.json.previous`, and only `--delete_preprocessed_data` deletes arrays
 it deleted. Custom plans and `splits_final.json` are never deleted.
 
 Sharding (`-part K -total_parts N`): part K takes every N-th case. Each part writes its own
-report; `pretrain_data__<config>.json` is rebuilt atomically from what is complete on disk by
-whichever part finishes (and again by any later run), so parts never race on shared state.
+report; `pretrain_data__<config>.json` is rebuilt atomically from what is complete on disk at the
+end of every part (and of any later run), the parts' rebuilds taking turns under a file lock so
+the last one lists every case (`merge.py`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from nnssl import paths
-from nnssl.data.collection import AssociatedMasks, Collection, FlatImage, portable_path
+from nnssl.data.collection import Collection, FlatImage
 from nnssl.data.openmind import INVERTED_KEY
 from nnssl.errors import NnsslError
 from nnssl.io_utils import write_json
@@ -39,8 +40,8 @@ from nnssl.log import get_logger, progress
 from nnssl.planning.fingerprint import FingerprintConfig, extract_fingerprint
 from nnssl.planning.planner import plan_experiment
 from nnssl.planning.plans import Plans
-from nnssl.preprocessing import storage
 from nnssl.preprocessing.case import STAGES, CaseJob, peak_rss_mb, run_case
+from nnssl.preprocessing.merge import case_relative_stem, write_preprocessed_collection  # noqa: F401  (re-exported)
 from nnssl.workers import imap
 
 logger = get_logger(__name__)
@@ -80,10 +81,8 @@ class PreprocessOutcome:
 
 
 def case_stem(output_root: Path, collection: Collection, img: FlatImage) -> Path:
-    from nnssl.data.imageio import image_stem
-
-    return (output_root / collection.collection_name / img.dataset_key / img.subject_id / img.session_id
-            / image_stem(img.entry.name))
+    return output_root / case_relative_stem(collection, img.dataset_key, img.subject_id, img.session_id,
+                                            img.entry.name)
 
 
 def _jobs(collection: Collection, plans: Plans, configuration: str, output_root: Path,
@@ -134,34 +133,6 @@ def load_plans(preprocessed_dataset: Path, plans_name: str = DEFAULT_PLANS) -> P
     return Plans.load(path)
 
 
-def write_preprocessed_collection(collection: Collection, plans: Plans, configuration: str,
-                                  output_root: Path, destination: Path) -> int:
-    """`pretrain_data__<config>.json` listing the complete cases, paths pointing at the arrays."""
-    plan_hash = plans.plan_hash(configuration)
-    out = Collection.from_dict(collection.to_dict(), source=str(destination))
-    count = 0
-    flat = {id(img.entry): img for img in out.iter_images()}
-    for dataset in out.datasets.values():
-        for subject in dataset.subjects.values():
-            for session in subject.sessions.values():
-                kept = []
-                for entry in session.images:
-                    img = flat[id(entry)]
-                    files = storage.CaseFiles.for_stem(case_stem(output_root, out, img))
-                    if not storage.case_is_complete(files, plan_hash):
-                        continue
-                    entry.image_path = portable_path(files.image)
-                    entry.associated_masks = AssociatedMasks(
-                        anatomy_mask=portable_path(files.anatomy_mask) if files.anatomy_mask.exists() else None,
-                        anonymization_mask=portable_path(files.anonymization_mask)
-                        if files.anonymization_mask.exists() else None)
-                    kept.append(entry)
-                    count += 1
-                session.images = kept
-    out.save(destination)
-    return count
-
-
 def preprocess(dataset: str | int, configurations: tuple[str, ...] = ("onemmiso",),
                num_processes: int | Sequence[int] = 4, part: int = 0, total_parts: int = 1,
                plans_name: str = DEFAULT_PLANS, delete_data: bool = False) -> list[PreprocessOutcome]:
@@ -201,7 +172,7 @@ def preprocess(dataset: str | int, configurations: tuple[str, ...] = ("onemmiso"
         suffix = "" if total_parts == 1 else f"_part{part}of{total_parts}"
         write_json(pre / f"preprocessing_report{suffix}__{configuration}.json", outcome.to_report(part, total_parts))
         write_preprocessed_collection(collection, plans, configuration, output_root,
-                                      preprocessed_collection_path(pre, plans, configuration))
+                                      preprocessed_collection_path(pre, plans, configuration), num_workers)
         outcomes.append(outcome)
     return outcomes
 

@@ -173,21 +173,30 @@ def load_properties(path: Path) -> dict[str, Any]:
     return read_json(path)
 
 
-def case_is_complete(files: CaseFiles, expected_plan_hash: str) -> bool:
-    """True when the properties JSON exists, matches the plan and every array it lists opens."""
+def complete_arrays(files: CaseFiles, expected_plan_hash: str) -> frozenset[str] | None:
+    """The arrays of a complete case ("image" and the masks it has), or None when the case is not
+    complete: its properties JSON is missing, unreadable or from another plan, or an array it
+    lists is missing or does not open with the recorded shape. Masks are taken from the JSON, so a
+    stale mask file left from earlier data is never listed."""
     if not files.properties.is_file():
-        return False
+        return None
     try:
         props = load_properties(files.properties)
         if props.get("plan_hash") != expected_plan_hash:
-            return False
+            return None
+        listed = props.get("arrays", {})
         for key, path in (("image", files.image), ("anonymization_mask", files.anonymization_mask),
                           ("anatomy_mask", files.anatomy_mask)):
-            expected = props.get("arrays", {}).get(key)
+            expected = listed.get(key)
             if expected is None:
                 continue
             if list(open_array(path).shape) != list(expected["shape"]):
-                return False
-        return "image" in props.get("arrays", {})
+                return None
+        return frozenset(listed) if "image" in listed else None
     except Exception:  # any unreadable piece means "redo this case", never "trust it"
-        return False
+        return None
+
+
+def case_is_complete(files: CaseFiles, expected_plan_hash: str) -> bool:
+    """True when the properties JSON exists, matches the plan and every array it lists opens."""
+    return complete_arrays(files, expected_plan_hash) is not None

@@ -16,7 +16,8 @@ import torch
 
 from nnssl import paths
 from nnssl.dataloading.augment import AugmentConfig
-from nnssl.dataloading.dataset import CaseRecord, load_cases, make_or_load_splits, split_cases
+from nnssl.dataloading.case_index import CaseIndex
+from nnssl.dataloading.dataset import load_cases, make_or_load_splits, split_cases
 from nnssl.dataloading.loader import LoaderConfig, resolve_augment_on_device
 from nnssl.errors import NnsslError
 from nnssl.log import get_logger
@@ -33,8 +34,8 @@ logger = get_logger(__name__)
 class DataSetup:
     dataset: str
     plans: Plans
-    train_cases: list[CaseRecord]
-    val_cases: list[CaseRecord]
+    train_cases: CaseIndex
+    val_cases: CaseIndex
 
 
 @dataclass
@@ -84,7 +85,7 @@ def load_plans(options: RunOptions) -> DataSetup:
     dataset = pick_dataset(options.dataset)
     plans = read_plans(paths.preprocessed_dataset_dir(dataset), options.plans)
     plans.configuration(options.configuration)  # raises with the valid names
-    return DataSetup(dataset, plans, [], [])
+    return DataSetup(dataset, plans, CaseIndex.from_records([]), CaseIndex.from_records([]))
 
 
 def load_data(options: RunOptions, seed: int, max_iqs: float | None = None) -> DataSetup:
@@ -109,7 +110,7 @@ def load_data(options: RunOptions, seed: int, max_iqs: float | None = None) -> D
     return data
 
 
-def _filter_by_iqs(cases: list[CaseRecord], collection: Path, max_iqs: float) -> list[CaseRecord]:
+def _filter_by_iqs(cases: CaseIndex, collection: Path, max_iqs: float) -> CaseIndex:
     from nnssl.data.collection import Collection
     from nnssl.data.openmind import select_by_iqs
 
@@ -119,7 +120,7 @@ def _filter_by_iqs(cases: list[CaseRecord], collection: Path, max_iqs: float) ->
                          "(create the dataset with nnssl_create_dataset --openmind, or drop the setting)")
     logger.info("loader.max_iqs=%s: training on %d of %d images (%d scored above, %d without a score)",
                 max_iqs, len(kept), len(cases), above, unscored)
-    return [case for case in cases if case.image_id in kept]
+    return cases.subset([i for i, image_id in enumerate(cases.image_ids()) if image_id in kept])
 
 
 def loader_config(config: TrainingConfig, options: RunOptions, local_batch: int, validation: bool = False,

@@ -73,7 +73,7 @@ def checkpoint_payload(trainer: Any, slim: bool = False) -> dict[str, Any]:
 def data_summary(ctx: Any) -> dict[str, Any]:
     """A few numbers about the pretraining data for the model card (never the case list)."""
     data = ctx.data
-    subjects = {c.subject_key for c in data.train_cases} | {c.subject_key for c in data.val_cases}
+    subjects = {*data.train_cases.unique_subjects(), *data.val_cases.unique_subjects()}
     plan = data.plans.configuration(ctx.options.configuration)
     return {"dataset": data.dataset, "configuration": ctx.options.configuration,
             "num_train_images": len(data.train_cases), "num_val_images": len(data.val_cases),
