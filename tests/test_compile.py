@@ -9,13 +9,17 @@ losses are O(0.5); a wrong graph, a dropped term or a stale mask shows as a diff
 percents).
 
 The fast tests trace with `aot_eager` (dynamo + AOTAutograd, forward and backward graphs, no code
-generation: seconds); the slow test runs the real `--compile` (inductor, C++ code generation:
-minutes on 2 shared cores) and is skipped with the reason when this machine cannot compile.
+generation: seconds) through the same `--compile` path. The real inductor run generates and
+compiles C++ for every kernel: about 50 s on a fresh 2-core machine (a cold cache, as in CI), a
+sixth of the suite's budget for a backend nnssl only recommends on a GPU. It runs where a GPU is
+visible (there `benchmarks/gpu_check.py` also times compiled against eager) or with
+NNSSL_TEST_INDUCTOR=1, and is skipped with the reason when the machine cannot compile.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -124,6 +128,9 @@ def _inductor_unavailable() -> str | None:
 
 @pytest.mark.slow
 def test_inductor_compiled_run_trains_and_matches_eager(roots, monkeypatch, tmp_path, one_thread):
+    if not (torch.cuda.is_available() or os.environ.get("NNSSL_TEST_INDUCTOR") == "1"):
+        pytest.skip("inductor's CPU code generation costs ~50 s on a fresh machine: runs where a GPU is visible "
+                    "or with NNSSL_TEST_INDUCTOR=1 (the aot_eager tests above cover the --compile path)")
     reason = _inductor_unavailable()
     if reason:
         pytest.skip(reason)
