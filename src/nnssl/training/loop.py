@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from nnssl.dataloading.loader import PretrainLoader
 from nnssl.errors import NnsslError
-from nnssl.log import get_logger
+from nnssl.log import get_logger, progress_bars_enabled
 from nnssl.methods.base import VALIDATION_STREAM, MethodOutput, PretrainingMethod
 from nnssl.methods.monitors import CollapseTracker, collapse_alarms, collapse_metrics
 from nnssl.methods.schedules import lr_at, momentum_at, wd_at
@@ -292,11 +292,11 @@ class Trainer:
         return due
 
     def _progress_bar(self, end: int) -> Any:
-        import sys
-
+        """A bar on a terminal only (the one rule of `nnssl.log`); elsewhere the logged step lines
+        are the progress."""
         show = self.ctx.options.progress_bar
         if show is None:
-            show = sys.stderr.isatty()
+            show = progress_bars_enabled()
         if not (show and self.dist.is_main):
             return None
         from tqdm import tqdm
