@@ -154,7 +154,7 @@ class DemoResult:
     def pretraining_beats_random(self) -> bool | None:
         """The demo's answer: yes only when the dense probe and the volume probe both clear the
         margin; None when there is nothing to judge or too few labeled cases."""
-        verdicts = [v for v in self.verdicts().values()]
+        verdicts = list(self.verdicts().values())
         if not verdicts or any(v is None for v in verdicts):
             return None
         return all(verdicts)
