@@ -58,3 +58,25 @@ def test_attention_flop_formula_counts_cpu_sdpa():
 
     # 4·B·H·L·L·d forward + 2× backward, whichever CPU kernel runs (math path counted by torch)
     assert count_step_flops(fwd_bwd) >= 3 * 4 * 1 * 2 * 8 * 8 * 4
+
+
+def test_cpu_step_roofline_tiny_splits_the_step_consistently():
+    sys.path.insert(0, str(BENCH))
+    threads = torch.get_num_threads()
+    try:
+        spec = importlib.util.spec_from_file_location("cpu_step_roofline", BENCH / "cpu_step_roofline.py")
+        roofline = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(roofline)
+        r = roofline.step_breakdown(2, warmup=1, timed=2, config={**TINY, "rope": False}, ceiling_size=256)
+        kernels = roofline.attention_kernels(1, config=TINY, length=24, repeats=1)
+    finally:
+        sys.path.remove(str(BENCH))
+        torch.set_num_threads(threads)
+    assert 0 < r["attention_flops_share"] < 1 and 0 < r["attention_time_share"] < 1
+    assert r["attention_gflops_per_s"] > 0 and r["rest_gflops_per_s"] > 0
+    assert math.isclose(r["percent_of_ceiling"], 100 * r["gflops_per_s"] / r["fp32_matmul_ceiling_gflops_per_s"])
+    # the bound: everything but attention at the ceiling, attention at its profiled time
+    total, ceiling = r["flops_per_step"], r["fp32_matmul_ceiling_gflops_per_s"] * 1e9
+    bound_s = total * (1 - r["attention_flops_share"]) / ceiling + r["attention_s_profiled_step"]
+    assert math.isclose(r["bound_percent_of_ceiling"], 100 * total / bound_s / ceiling, rel_tol=1e-9)
+    assert set(kernels) == {"flash", "flash_chunks_of_8", "math"} and min(kernels.values()) > 0
