@@ -178,3 +178,27 @@ def test_bad_sizes_and_shapes_are_reported():
     masks = _masks(2)
     with pytest.raises(NnsslError, match=r"\[M, B, Kt\]"):
         pred(torch.randn(2, masks.context.shape[1], E), masks.context, masks.targets[0])
+
+
+def test_attention_radius_covering_the_grid_is_full_attention_and_radius_one_is_local():
+    """`predictor_attention_radius`: a radius spanning the grid changes nothing; radius 1 with one
+    block makes a query's prediction independent of context tokens more than one cell away."""
+    masks = _masks(2)
+    context = torch.randn(2, masks.context.shape[1], E)
+    full = _predictor(depth=1)
+    wide = JEPAPredictor(GRID, E, width=48, depth=1, num_heads=4, attention_radius=max(GRID)).eval()
+    local = JEPAPredictor(GRID, E, width=48, depth=1, num_heads=4, attention_radius=1).eval()
+    wide.load_state_dict(full.state_dict())
+    local.load_state_dict(full.state_dict())
+    assert torch.equal(wide(context, masks.context, masks.targets), full(context, masks.context, masks.targets))
+    # perturb the context tokens far (> 1 cell on some axis) from every query of block 0, sample 0
+    coords = unflatten_index(masks.context[0], GRID)
+    queries = unflatten_index(masks.targets[0, 0], GRID)
+    far = ((coords[:, None] - queries[None]).abs().amax(-1) > 1).all(1)
+    assert far.any()
+    moved = context.clone()
+    moved[0, far] += 10 * torch.randn_like(moved[0, far])
+    before, after = local(context, masks.context, masks.targets), local(moved, masks.context, masks.targets)
+    assert torch.allclose(before[0], after[0], atol=1e-6)          # row 0 = block 0 of sample 0
+    assert not torch.allclose(full(context, masks.context, masks.targets)[0],
+                              full(moved, masks.context, masks.targets)[0], atol=1e-3)

@@ -98,6 +98,9 @@ class IJEPAConfig:
     predictor_depth: int = 6
     predictor_heads: int | None = None
     predictor_mlp_ratio: float = 4.0
+    # 0: every predictor token attends to every other (I-JEPA); r > 0: only to tokens within r
+    # grid cells on every axis, so a query must find its target in its neighbours' features
+    predictor_attention_radius: int = 0
     loss: str = "smooth_l1"
     target_layers: int = 1
     regularized_embeddings: str = "context"
@@ -130,7 +133,8 @@ class IJEPAConfig:
                 problems.append(f"predictor_heads={heads} must divide predictor_width={self.predictor_width}")
         if not self.predictor_mlp_ratio > 0:
             problems.append(f"predictor_mlp_ratio={self.predictor_mlp_ratio!r} must be > 0")
-        for name, low in (("target_layers", 1), ("sigreg_slices", 1), ("sigreg_points", 2)):
+        for name, low in (("target_layers", 1), ("sigreg_slices", 1), ("sigreg_points", 2),
+                          ("predictor_attention_radius", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < low:
                 problems.append(f"{name}={value!r} must be an integer >= {low}")
@@ -205,7 +209,7 @@ class IJEPA(PretrainingMethod):
         self.teacher.eval()
         self.predictor = JEPAPredictor(encoder.grid, encoder.embed_dim, config.predictor_width,
                                        config.predictor_depth, config.resolved_predictor_heads(encoder.num_heads),
-                                       config.predictor_mlp_ratio)
+                                       config.predictor_mlp_ratio, int(config.predictor_attention_radius))
         _check_target_layers(encoder, config.target_layers)
         # SIGReg's directions are a pure function of (seed, step, stream), like the masks; the
         # run's seed is the sampler's (a plain IJEPA without a sampler uses 0)

@@ -64,13 +64,14 @@ class PredictorBlock(nn.Module):
         self.fc1 = nn.Linear(width, hidden)
         self.fc2 = nn.Linear(hidden, width)
 
-    def forward(self, x: torch.Tensor, outputs_from: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, outputs_from: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, n, C] -> [B, n - outputs_from, C]: the outputs of tokens outputs_from.. only.
 
         Every token still serves as a key and value, so the kept outputs are exactly those of the
         full block; the dropped tokens skip their query, attention row, projection and MLP. The
         predictor's last block uses this: only the queries' outputs are read, and the context
-        tokens are ~70% of each sequence (about a tenth of the predictor's FLOPs saved)."""
+        tokens are ~70% of each sequence (about a tenth of the predictor's FLOPs saved). `mask`
+        [B, 1, n, n], True where a token may attend, restricts attention (a local predictor)."""
         b, n, c = x.shape
         heads, d = self.num_heads, c // self.num_heads
         h = self.norm1(x)
@@ -82,7 +83,7 @@ class PredictorBlock(nn.Module):
             q = q.reshape(b, -1, heads, d).transpose(1, 2)
             kv = F.linear(h, self.qkv.weight[c:], self.qkv.bias[c:])
             k, v = kv.reshape(b, n, 2, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
-        a = F.scaled_dot_product_attention(q, k, v)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, :, outputs_from:])
         x = x + self.proj(a.transpose(1, 2).reshape(b, -1, c))
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
@@ -95,7 +96,7 @@ class JEPAPredictor(nn.Module):
     """
 
     def __init__(self, grid: tuple[int, ...], encoder_dim: int, width: int = 384, depth: int = 6,
-                 num_heads: int = 12, mlp_ratio: float = 4.0) -> None:
+                 num_heads: int = 12, mlp_ratio: float = 4.0, attention_radius: int = 0) -> None:
         super().__init__()
         problems = []
         if width < 1 or encoder_dim < 1 or depth < 0 or num_heads < 1 or mlp_ratio <= 0:
@@ -108,6 +109,9 @@ class JEPAPredictor(nn.Module):
             raise InvalidPredictorConfig("cannot build the JEPA predictor:", problems)
         self.grid = tuple(int(g) for g in grid)
         self.num_tokens = math.prod(self.grid)
+        self.attention_radius = int(attention_radius)
+        coords = torch.stack(torch.meshgrid(*[torch.arange(g) for g in self.grid], indexing="ij"), -1)
+        self.register_buffer("coords", coords.reshape(-1, len(self.grid)), persistent=False)
         self.embed = nn.Linear(encoder_dim, width)
         # fixed, so not a parameter; not persistent: rebuilt from the grid, never stale in a checkpoint
         self.register_buffer("pos_embed", sincos_pos_embed_3d(self.grid, width), persistent=False)
@@ -144,7 +148,12 @@ class JEPAPredictor(nn.Module):
         x = torch.cat([ctx.repeat(m, 1, 1), queries], dim=1)  # row m*B + b: sample b, block m
         if not self.blocks:
             return self.head(self.norm(queries))
+        mask = None
+        if self.attention_radius:
+            idx = torch.cat([context_idx.repeat(m, 1), target_idx.reshape(m * b, kt)], dim=1)
+            pos = self.coords[idx]                                                   # [M*B, n, 3]
+            mask = ((pos[:, :, None] - pos[:, None]).abs().amax(-1) <= self.attention_radius)[:, None]
         for block in self.blocks[:-1]:
-            x = block(x)
+            x = block(x, mask=mask)
         # only the queries' outputs are read: the last block computes just those (exact)
-        return self.head(self.norm(self.blocks[-1](x, outputs_from=x.shape[1] - kt)))
+        return self.head(self.norm(self.blocks[-1](x, outputs_from=x.shape[1] - kt, mask=mask)))
