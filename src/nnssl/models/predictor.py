@@ -31,6 +31,12 @@ def _sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
+def grid_coords(grid: tuple[int, ...]) -> torch.Tensor:
+    """[N, ndim] integer coordinates of the tokens of `grid` in C-order."""
+    coords = torch.stack(torch.meshgrid(*[torch.arange(g) for g in grid], indexing="ij"), -1)
+    return coords.reshape(-1, len(grid))
+
+
 def sincos_pos_embed_3d(grid: tuple[int, ...], dim: int) -> torch.Tensor:
     """Fixed positions [N, dim] for the tokens of `grid` in C-order (token n = (i·Gy + j)·Gz + k).
 
@@ -43,8 +49,7 @@ def sincos_pos_embed_3d(grid: tuple[int, ...], dim: int) -> torch.Tensor:
         raise InvalidPredictorConfig(f"cannot build sin-cos positions for grid {grid} and width {dim}: "
                                      f"need a non-empty grid and width >= {2 * len(grid)}")
     per_axis = 2 * math.ceil(dim / (2 * len(grid)))
-    coords = torch.stack(torch.meshgrid(*[torch.arange(g) for g in grid], indexing="ij"), -1)
-    coords = coords.reshape(-1, len(grid))
+    coords = grid_coords(grid)
     parts = [_sincos_1d(coords[:, axis], per_axis) for axis in range(len(grid))]
     return torch.cat(parts, dim=1)[:, :dim].float().contiguous()
 
@@ -99,10 +104,10 @@ class JEPAPredictor(nn.Module):
                  num_heads: int = 12, mlp_ratio: float = 4.0, attention_radius: int = 0) -> None:
         super().__init__()
         problems = []
-        if width < 1 or encoder_dim < 1 or depth < 0 or num_heads < 1 or mlp_ratio <= 0:
-            problems.append(f"need width, encoder_dim, num_heads >= 1, depth >= 0 and mlp_ratio > 0; got width "
-                            f"{width}, encoder_dim {encoder_dim}, heads {num_heads}, depth {depth}, "
-                            f"mlp_ratio {mlp_ratio}")
+        if width < 1 or encoder_dim < 1 or depth < 0 or num_heads < 1 or mlp_ratio <= 0 or attention_radius < 0:
+            problems.append(f"need width, encoder_dim, num_heads >= 1, depth, attention_radius >= 0 and mlp_ratio "
+                            f"> 0; got width {width}, encoder_dim {encoder_dim}, heads {num_heads}, depth {depth}, "
+                            f"attention_radius {attention_radius}, mlp_ratio {mlp_ratio}")
         elif width % num_heads:
             problems.append(f"predictor width {width} must be divisible by its {num_heads} heads")
         if problems:
@@ -110,8 +115,7 @@ class JEPAPredictor(nn.Module):
         self.grid = tuple(int(g) for g in grid)
         self.num_tokens = math.prod(self.grid)
         self.attention_radius = int(attention_radius)
-        coords = torch.stack(torch.meshgrid(*[torch.arange(g) for g in self.grid], indexing="ij"), -1)
-        self.register_buffer("coords", coords.reshape(-1, len(self.grid)), persistent=False)
+        self.register_buffer("coords", grid_coords(self.grid), persistent=False)
         self.embed = nn.Linear(encoder_dim, width)
         # fixed, so not a parameter; not persistent: rebuilt from the grid, never stale in a checkpoint
         self.register_buffer("pos_embed", sincos_pos_embed_3d(self.grid, width), persistent=False)
