@@ -40,6 +40,17 @@ def test_phantom_probe_benchmark_reports_both_probes_per_seed_and_their_verdicts
     assert {"token_rankme", "cos_across"} <= set(result["collapse"]["0"])
     for seed in (0, 1):  # the nnU-Net-ready folders of both seeds
         assert (tmp_path / "exports" / f"seed_{seed}" / "checkpoint_final.pth").is_file()
+    # the non-linear diagnostic reads the same exports and set: linear and tree scores per encoder
+    exports = [str(tmp_path / "exports" / f"seed_{seed}" / "checkpoint_final.pth") for seed in (0, 1)]
+    done = subprocess.run([sys.executable, str(BENCH.parent / "dense_probe_nonlinear.py"), "--checkpoints", *exports,
+                           "--labeled", str(labeled), "--random_seeds", "0", "--max_iter", "5"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    scores = json.loads(done.stdout)["scores"]
+    assert set(scores) == {*(f"pretrained:{e}" for e in exports), "random:0"}
+    # the linear score is the protocol's, as phantom_probe.py reported it
+    assert scores[f"pretrained:{exports[0]}"]["linear"] == pytest.approx(result["dense"]["pretrained"]["0"], abs=1e-3)
+    assert all(0 <= s["trees"] <= 1 for s in scores.values())
 
 
 def test_phantom_probe_benchmark_rejects_a_bad_override_or_a_missing_crop():
