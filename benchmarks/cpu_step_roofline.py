@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _nidl_step import _flop_mapping, measure  # noqa: E402
-from ijepa_step import OUR_CONFIG, build_ours, matmul_ceiling  # noqa: E402
+from ijepa_step import OUR_CONFIG, build_ours, matmul_ceiling, our_step  # noqa: E402
 
 ATTENTION_OPS = ("_scaled_dot_product_flash_attention_for_cpu",
                  "_scaled_dot_product_flash_attention_for_cpu_backward")
@@ -71,26 +71,10 @@ def step_breakdown(batch_size: int, warmup: int, timed: int, config: dict = OUR_
                    ceiling_size: int = 2048) -> dict:
     """The step at `batch_size` timed, its FLOPs split, its attention profiled, and the ceiling
     (a `ceiling_size`³ matmul) measured before and after it."""
-    from nnssl.methods.schedules import lr_at, momentum_at
-
     torch.manual_seed(0)
     method, sampler, optimizer, schedule = build_ours(config)
     method.train()
-    x = torch.randn(batch_size, 1, *(config["input"],) * 3)
-
-    def forward_backward(i: int = 0) -> dict:
-        masks = sampler(batch_size, i)
-        method(x, masks).loss.backward()
-        return {"context_tokens": int(masks.context.shape[1])}
-
-    def step(i: int) -> dict:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(i, schedule)
-        optimizer.zero_grad(set_to_none=True)
-        stats = forward_backward(i)
-        optimizer.step()
-        method.update_teacher(momentum_at(i, schedule))
-        return stats
+    forward_backward, step = our_step(method, sampler, optimizer, schedule, batch_size, config["input"])
 
     timed_steps = range(warmup, warmup + timed)
     flops = _flops_by_kind(forward_backward, timed_steps)

@@ -77,19 +77,12 @@ def context_scores(contexts: dict[str, np.ndarray], ex, labeled, probe, size: in
 
 def ceiling(ex, labeled, probe) -> float:
     """Gradient-boosted trees on the oracle's features: how far context alone gets, non-linearly."""
-    from sklearn.ensemble import HistGradientBoostingClassifier
-    from sklearn.metrics import balanced_accuracy_score
-
+    from dense_probe_nonlinear import tree_probe
     from nnssl.evaluation.probe import case_splits
 
     x = np.concatenate(ex.context_baselines["context_oracle"])
     splits = case_splits(len(labeled.cases), labeled.split_strata(), probe)
-    scores = []
-    for train, test in splits:
-        tr, te = np.isin(ex.context_cases, train), np.isin(ex.context_cases, test)
-        model = HistGradientBoostingClassifier(max_iter=300, random_state=0).fit(x[tr], ex.context_labels[tr])
-        scores.append(balanced_accuracy_score(ex.context_labels[te], model.predict(x[te])))
-    return float(np.mean(scores))
+    return tree_probe(x, ex.context_labels, ex.context_cases, splits)
 
 
 def summary(scores: list[float]) -> dict[str, float]:

@@ -83,38 +83,46 @@ def build_ours(config: dict = OUR_CONFIG, total_steps: int = 1000):
     return method, sampler, optimizer, schedule
 
 
-def ours_side(batch_sizes: list[int], warmup: int, timed: int, config: dict = OUR_CONFIG,
-              precision: str = "fp32") -> dict:
-    """Time our full step (masks, forward, backward, AdamW with schedules, EMA) per batch size;
-    `precision="bf16"`: bf16 autocast (the trainer's `--precision bf16`), fp32 weights and loss."""
+def our_step(method, sampler, optimizer, schedule, batch_size: int, input_size: int, precision: str = "fp32"):
+    """(forward_backward(i), step(i)) of our full step at `batch_size` on one fixed random batch:
+    masks of step i, forward, backward; `step` adds the lr / weight-decay schedules, AdamW and
+    the EMA. Both return {"context_tokens": ...}. `precision="bf16"`: bf16 autocast (the
+    trainer's `--precision bf16`), fp32 weights and loss. Shared with cpu_step_roofline.py, so
+    both time the same step."""
     from nnssl.methods.schedules import lr_at, momentum_at, wd_at
 
+    x = torch.randn(batch_size, 1, *(input_size,) * 3)
+
+    def forward_backward(i: int = 0) -> dict:
+        masks = sampler(batch_size, i)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = method(x, masks).loss
+        loss.backward()
+        return {"context_tokens": int(masks.context.shape[1])}
+
+    def step(i: int) -> dict:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(i, schedule)
+            if group["apply_wd"]:
+                group["weight_decay"] = wd_at(i, schedule)
+        optimizer.zero_grad(set_to_none=True)
+        stats = forward_backward(i)
+        optimizer.step()
+        method.update_teacher(momentum_at(i, schedule))
+        return stats
+
+    return forward_backward, step
+
+
+def ours_side(batch_sizes: list[int], warmup: int, timed: int, config: dict = OUR_CONFIG,
+              precision: str = "fp32") -> dict:
+    """Time our full step (masks, forward, backward, AdamW with schedules, EMA) per batch size."""
     torch.manual_seed(0)
     method, sampler, optimizer, schedule = build_ours(config)
     method.train()
     results = {}
     for bs in batch_sizes:
-        x = torch.randn(bs, 1, *(config["input"],) * 3)
-        last = {}
-
-        def forward_backward(i: int = 0) -> None:
-            masks = sampler(bs, i)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                loss = method(x, masks).loss
-            loss.backward()
-            last["context_tokens"] = int(masks.context.shape[1])
-
-        def step(i: int) -> dict:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(i, schedule)
-                if group["apply_wd"]:
-                    group["weight_decay"] = wd_at(i, schedule)
-            optimizer.zero_grad(set_to_none=True)
-            forward_backward(i)
-            optimizer.step()
-            method.update_teacher(momentum_at(i, schedule))
-            return dict(last)
-
+        forward_backward, step = our_step(method, sampler, optimizer, schedule, bs, config["input"], precision)
         flops = count_step_flops(forward_backward)
         optimizer.zero_grad(set_to_none=True)
         results[str(bs)] = measure(step, bs, warmup, timed, flops)
